@@ -1,0 +1,213 @@
+"""TSR: image -> scene codes (a triplane) -> renders and meshes.
+
+The public API follows the official TripoSR one, so scripts port by changing an import:
+`TSR.from_pretrained`, `model(images, device)`, `model.render`, `model.extract_mesh`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from einops import rearrange
+from PIL import Image
+from torch import nn
+
+from . import mesh as mesh_extraction
+from .cameras import orbit_cameras, rays_from_c2w
+from .config import TSRConfig, load_config, named_config
+from .image_encoder import DINOSingleImageTokenizer
+from .io import check_state_dict, read_state_dict, resolve_model_files
+from .preprocess import ImageLike, prepare_images
+from .renderer import TriplaneNeRFRenderer
+from .transformer import Transformer1D
+from .triplane import NeRFMLP, Triplane1DTokenizer, TriplaneUpsampleNetwork
+
+
+class TSR(nn.Module):
+    def __init__(self, config: TSRConfig):
+        super().__init__()
+        self.config = config
+        self.image_tokenizer = DINOSingleImageTokenizer(config.image_tokenizer)
+        self.tokenizer = Triplane1DTokenizer(config.tokenizer)
+        self.backbone = Transformer1D(config.backbone)
+        self.post_processor = TriplaneUpsampleNetwork(config.post_processor)
+        self.decoder = NeRFMLP(config.decoder)
+        self.renderer = TriplaneNeRFRenderer(config.renderer)
+        self.source = "random init"  # where the weights came from, for metadata
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: TSRConfig | str | os.PathLike, seed: int = 0) -> TSR:
+        """A randomly initialised model: `"tiny"`, `"official"`, a config path or object."""
+        if isinstance(config, str) and not config.endswith((".yaml", ".yml")):
+            config = named_config(config)
+        elif not isinstance(config, TSRConfig):
+            config = load_config(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(config)
+        model.source = f"random init (seed {seed})"
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        config_name: str = "config.yaml",
+        weight_name: str = "model.ckpt",
+    ) -> TSR:
+        """Load weights strictly from a folder, a shipped name (`"tiny"`) or a Hub repo id."""
+        config_path, weight_path = resolve_model_files(
+            pretrained_model_name_or_path, config_name, weight_name
+        )
+        config = load_config(config_path)
+        with torch.device("meta"):  # no time spent on a random init that is overwritten
+            model = cls(config)
+        state = read_state_dict(weight_path)
+        check_state_dict(model.state_dict(), state, str(weight_path), str(config_path))
+        model.load_state_dict(state, strict=True, assign=True)
+        model.image_tokenizer.register_buffer(
+            "image_mean", torch.tensor([0.485, 0.456, 0.406]).reshape(1, 1, 3, 1, 1), False
+        )
+        model.image_tokenizer.register_buffer(
+            "image_std", torch.tensor([0.229, 0.224, 0.225]).reshape(1, 1, 3, 1, 1), False
+        )
+        model.source = str(pretrained_model_name_or_path)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> Path:
+        """Write config.yaml and model.safetensors (or model.ckpt), loadable by from_pretrained."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(self.config.to_yaml())
+        state = {key: value.contiguous() for key, value in self.state_dict().items()}
+        if safe_serialization:
+            save_file(state, str(folder / "model.safetensors"))
+        else:
+            torch.save(state, folder / "model.ckpt")
+        return folder
+
+    def weights_fingerprint(self) -> str:
+        """A short hash of the base weights, so an adapter can tell which model it was made for."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            if "lora_" in key:
+                continue
+            digest.update(key.encode())
+            digest.update(value.detach().float().cpu().numpy().tobytes()[:4096])
+        return digest.hexdigest()[:16]
+
+    # ---- image -> scene codes ----------------------------------------------------------
+    def encode(self, rgb_cond: torch.Tensor) -> torch.Tensor:
+        """Prepared images (B, H, W, 3) in [0, 1] -> scene codes (B, 3, C, 2P, 2P)."""
+        image_tokens = self.image_tokenizer(rearrange(rgb_cond, "b h w c -> b c h w"))  # (B, Cv, M)
+        tokens = self.tokenizer(rgb_cond.shape[0])  # (B, C, 3*P*P)
+        tokens = self.backbone(tokens, rearrange(image_tokens, "b c m -> b m c"))
+        return self.post_processor(self.tokenizer.detokenize(tokens))
+
+    def forward(
+        self, images: ImageLike | Sequence[ImageLike], device: str | torch.device | None = None
+    ) -> torch.Tensor:
+        """PIL images (RGB, or RGBA composited on grey), uint8 HWC arrays or float tensors,
+        one or a list -> scene codes (B, 3, C, 2P, 2P)."""
+        device = device or next(self.parameters()).device
+        rgb_cond = prepare_images(images, self.config.cond_image_size).to(device)
+        return self.encode(rgb_cond)
+
+    # ---- scene codes -> pictures and meshes ----------------------------------------------
+    def render_rays(
+        self, scene_code: torch.Tensor, rays_o: torch.Tensor, rays_d: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Differentiable: one scene's rays (..., 3) -> rgb, opacity, depth (..., 3/1/1)."""
+        return self.renderer.render_rays(self.decoder, scene_code, rays_o, rays_d)
+
+    @torch.no_grad()
+    def render(
+        self,
+        scene_codes: torch.Tensor,
+        n_views: int,
+        elevation_deg: float = 0.0,
+        camera_distance: float = 1.9,
+        fovy_deg: float = 40.0,
+        height: int = 256,
+        width: int = 256,
+        return_type: str = "pil",
+    ) -> list[list]:
+        """Views on an orbit, for each scene: a list (scenes) of lists (views) of images."""
+        if return_type not in ("pil", "np", "pt"):
+            raise ValueError(f"return_type must be 'pil', 'np' or 'pt', not {return_type!r}")
+        c2w = orbit_cameras(n_views, elevation_deg, camera_distance).to(scene_codes.device)
+        rays_o, rays_d = rays_from_c2w(c2w, height, width, fovy_deg)  # (V, H, W, 3)
+        scenes = []
+        for scene_code in scene_codes:
+            views = []
+            for view in range(n_views):
+                rgb = self.render_rays(scene_code, rays_o[view], rays_d[view])["rgb"]
+                views.append(_convert_image(rgb.float().cpu(), return_type))
+            scenes.append(views)
+        return scenes
+
+    @torch.no_grad()
+    def extract_mesh(
+        self,
+        scene_codes: torch.Tensor,
+        has_vertex_color: bool = True,
+        resolution: int = 256,
+        threshold: float | None = None,
+        method: str = "auto",
+        backend: str = "auto",
+        chunk_size: int = mesh_extraction.DEFAULT_CHUNK_SIZE,
+    ) -> list[trimesh.Trimesh]:
+        """Marching cubes on density_act = threshold, one mesh per scene.
+
+        threshold None uses the model config's (25.0 for the official model). `method`:
+        "dense" (the official grid), "coarse_to_fine" (queries only near the surface),
+        "blocks" (bounded memory for 512+), "auto" (dense, or blocks when the volume is big).
+        `chunk_size` is points per grid query; `renderer.set_chunk_size` splits them further.
+        """
+        threshold = self.config.mc_threshold if threshold is None else threshold
+        meshes = []
+        for scene_code in scene_codes:
+
+            def density(points: torch.Tensor, code: torch.Tensor = scene_code) -> torch.Tensor:
+                return self.renderer.query_triplane(self.decoder, points, code)["density_act"][:, 0]
+
+            def color(points: torch.Tensor, code: torch.Tensor = scene_code) -> torch.Tensor:
+                return self.renderer.query_triplane(self.decoder, points, code)["color"]
+
+            extraction = mesh_extraction.extract_isosurface(
+                density,
+                resolution=resolution,
+                threshold=threshold,
+                radius=self.config.renderer.radius,
+                chunk_size=chunk_size,
+                backend=backend,
+                method=method,
+                device=scene_code.device,
+            )
+            meshes.append(
+                mesh_extraction.build_trimesh(
+                    extraction.verts,
+                    extraction.faces,
+                    color if has_vertex_color else None,
+                    device=scene_code.device,
+                )
+            )
+        return meshes
+
+
+def _convert_image(rgb: torch.Tensor, return_type: str) -> Image.Image | np.ndarray | torch.Tensor:
+    if return_type == "pt":
+        return rgb
+    array = rgb.clamp(0, 1).numpy()
+    if return_type == "np":
+        return array
+    return Image.fromarray((array * 255.0).round().astype(np.uint8))
