@@ -1,0 +1,217 @@
+"""Many meshes -> a dataset folder, objects rendered in parallel.
+
+Sources are procedural shapes (`utils.shapes`) or a folder of mesh files (searched
+recursively). Each object goes through `prepare_object` (atomic, skipped when already built);
+then two small files describe the set:
+
+    data/<set>/split.json     seeded train/val/test object ids, stratified by family
+    data/<set>/dataset.json   settings, object ids, skipped files and why
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .prepare_object import MESH_SUFFIXES, MeshLoadError, load_mesh, prepare_object
+from .shapes import FAMILIES, make_shape
+
+
+@dataclass(frozen=True)
+class ObjectJob:
+    object_id: str  # folder name under the dataset root
+    family: str  # shape family, or "meshes" for files
+    source: str  # what meta.json records: "primitives/3" or a path relative to the input
+    index: int = -1  # shape index (procedural only)
+    path: str = ""  # mesh file (files only)
+
+
+def procedural_jobs(families: list[str], n_objects: int) -> list[ObjectJob]:
+    """`n_objects` shapes shared evenly over `families` (the first ones get the remainder)."""
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise ValueError(f"unknown shape families {unknown}; choose from {sorted(FAMILIES)}")
+    jobs = []
+    for rank, family in enumerate(families):
+        count = n_objects // len(families) + (rank < n_objects % len(families))
+        jobs += [
+            ObjectJob(f"{family}_{i:03d}", family, f"{family}/{i}", index=i) for i in range(count)
+        ]
+    return jobs
+
+
+def folder_jobs(folder: str | Path) -> list[ObjectJob]:
+    """One job per mesh file under `folder`; ids from the relative path, made unique."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input folder {folder} does not exist")
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"no mesh files ({', '.join(MESH_SUFFIXES)}) under {folder}: put meshes there, "
+            "or leave out --input-folder to build procedural shapes"
+        )
+    jobs, used = [], set()
+    for path in files:
+        relative = path.relative_to(folder)
+        object_id = re.sub(r"[^A-Za-z0-9_-]+", "_", str(relative.with_suffix(""))).strip("_")
+        if object_id in used:  # chair.obj and chair.stl
+            object_id += "_" + path.suffix.lower().lstrip(".")
+        used.add(object_id)
+        jobs.append(ObjectJob(object_id, "meshes", str(relative), path=str(path)))
+    return jobs
+
+
+def make_split(
+    families: dict[str, str], seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> dict[str, list[str]]:
+    """Seeded train/val/test ids. Families are shuffled and interleaved before cutting, so each
+    split gets its share of every family; val and test get one object each from 3 objects on."""
+    rng = np.random.default_rng(seed)
+    groups = [
+        sorted(i for i in families if families[i] == f) for f in sorted(set(families.values()))
+    ]
+    groups = [list(rng.permutation(group)) for group in groups]
+    interleaved = [
+        g[k] for k in range(max(map(len, groups), default=0)) for g in groups if k < len(g)
+    ]
+    n = len(interleaved)
+    n_test = max(round(n * test_fraction), 1) if n >= 3 else 0
+    n_val = max(round(n * val_fraction), 1) if n >= 3 else 0
+    return {
+        "test": sorted(interleaved[:n_test]),
+        "val": sorted(interleaved[n_test : n_test + n_val]),
+        "train": sorted(interleaved[n_test + n_val :]),
+    }
+
+
+def _build(job: ObjectJob, out: Path, options: dict) -> dict:
+    """Worker: make or load one mesh and prepare it. -> a status row"""
+    try:
+        if job.path:
+            mesh = load_mesh(job.path, up=options["input_up"])
+        else:
+            mesh = make_shape(job.family, job.index, options["seed"])
+    except MeshLoadError as error:
+        return {"object_id": job.object_id, "skipped": str(error), "file": job.source}
+    meta = prepare_object(
+        mesh, out / job.object_id, options["n_views"], options["size"], options["seed"],
+        source=job.source, axis_views=options["axis_views"], force=True,
+    )  # fmt: skip
+    return {"object_id": job.object_id, "n_views": meta["settings"]["n_views"], "meta": meta}
+
+
+def prepare_dataset(
+    out: str | Path,
+    families: tuple[str, ...] = ("primitives", "parts"),
+    n_objects: int = 48,
+    n_views: int = 8,
+    size: int = 256,
+    seed: int = 0,
+    input_folder: str | Path | None = None,
+    input_up: str = "z",
+    axis_views: bool = False,
+    force: bool = False,
+    workers: int | None = None,
+) -> dict:
+    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing."""
+    out = Path(out)
+    jobs = folder_jobs(input_folder) if input_folder else procedural_jobs(list(families), n_objects)
+    options = {
+        "n_views": n_views,
+        "size": size,
+        "seed": seed,
+        "axis_views": axis_views,
+        "input_up": input_up,
+    }
+    wanted = {"n_views": 6 if axis_views else n_views, "size": size, "axis_views": axis_views}
+    existing, mismatched = {}, []
+    for job in jobs:
+        meta_path = out / job.object_id / "meta.json"
+        if meta_path.exists() and not force:
+            meta = json.loads(meta_path.read_text())
+            if any(meta["settings"][k] != v for k, v in wanted.items()) or meta["seed"] != seed:
+                mismatched.append(job.object_id)
+            existing[job.object_id] = meta
+    if mismatched:
+        raise ValueError(
+            f"{len(mismatched)} objects in {out} were built with other settings (e.g. "
+            f"{mismatched[0]}); pass --force to rebuild them or choose another --out"
+        )
+    todo = [job for job in jobs if job.object_id not in existing]
+    out.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    progress = tqdm(total=len(todo), desc=f"rendering {out.name}", unit="object")
+    if workers == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small tensors: threads cost more than they give (10x here)
+        try:
+            rows = _collect((_build(job, out, options) for job in todo), progress, start)
+        finally:
+            torch.set_num_threads(threads)
+    else:  # fork: workers inherit the imported modules instead of importing torch again
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            jobs_args = [(job, out, options) for job in todo]
+            rows = _collect(pool.imap_unordered(_build_star, jobs_args), progress, start)
+    progress.close()
+    views_done = sum(row.get("n_views", 0) for row in rows)
+    seconds = time.perf_counter() - start
+
+    skipped = sorted(
+        ({"file": r["file"], "reason": r["skipped"]} for r in rows if "skipped" in r), key=str
+    )
+    metas = {**existing, **{r["object_id"]: r["meta"] for r in rows if "meta" in r}}
+    if not metas:
+        raise ValueError(f"none of the {len(jobs)} inputs could be used; skipped: {skipped}")
+    family_of = {job.object_id: job.family for job in jobs if job.object_id in metas}
+    split = make_split(family_of, seed)
+    _write_atomic(out / "split.json", {"seed": seed, **split})
+    _write_atomic(
+        out / "dataset.json",
+        {
+            "settings": next(iter(metas.values()))["settings"], "seed": seed,
+            "source": str(Path(input_folder).name) if input_folder else ",".join(families),
+            "objects": sorted(metas), "skipped": skipped,
+        },
+    )  # fmt: skip
+    return {
+        "out": str(out), "n_objects": len(metas), "built": len(rows) - len(skipped),
+        "already_built": len(existing), "skipped": skipped, "views_rendered": views_done,
+        "seconds": seconds, "views_per_second": views_done / seconds if seconds > 0 else 0.0,
+    }  # fmt: skip
+
+
+def _build_star(arguments: tuple) -> dict:
+    return _build(*arguments)
+
+
+def _collect(results, progress: tqdm, start: float) -> list[dict]:
+    """Drain worker results into rows, showing objects done and views per second."""
+    rows, views = [], 0
+    for row in results:
+        rows.append(row)
+        views += row.get("n_views", 0)
+        progress.update()
+        progress.set_postfix(views_per_s=f"{views / (time.perf_counter() - start):.1f}")
+    return rows
+
+
+def _write_atomic(path: Path, value: object) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)

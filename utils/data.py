@@ -1,0 +1,270 @@
+"""The dataset as training, evaluation and the notebooks see it.
+
+Building a dataset lives in its own stages (re-exported here so one import serves a reader):
+`render_views` (utils/render_views.py, the CPU renderer), `prepare_object` (one mesh ->
+one folder), `prepare_dataset` (many, in parallel), `load_course_layout` /
+`write_course_layout` (the course project's IMG/MASK/Depth/cams.json folders).
+
+This module reads what they wrote: `read_object` (plain arrays, for plots), `MultiViewDataset`
+(conditioning image + supervision views), `sample_rays` / `sample_patches` (ray batches for the
+volume renderer, so a training step never renders whole images), `dataset_statistics`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tsr.cameras import pixel_to_ray
+from tsr.preprocess import prepare_images, resize_foreground
+
+from .build_dataset import prepare_dataset
+from .course_layout import load_course_layout, write_course_layout
+from .prepare_object import FOREGROUND_RATIO, MeshLoadError, load_mesh, prepare_object
+from .render_views import DEPTH_BACKGROUND, render_views
+
+__all__ = [
+    "DEPTH_BACKGROUND",
+    "MeshLoadError",
+    "MultiViewDataset",
+    "dataset_statistics",
+    "load_course_layout",
+    "load_mesh",
+    "prepare_dataset",
+    "prepare_object",
+    "read_object",
+    "render_views",
+    "sample_patches",
+    "sample_rays",
+    "write_course_layout",
+]
+SPLITS = ("train", "val", "test", "all")
+
+
+def read_object(object_dir: str | Path, views: list[int] | None = None) -> dict:
+    """One object folder -> plain arrays: rgba (V,H,W,4) uint8, depth (V,H,W) float32 (0 =
+    background), c2w (V,4,4) float32, fovy_deg, view_indices, cameras and meta (the json)."""
+    object_dir = Path(object_dir)
+    if not (object_dir / "meta.json").exists():
+        raise FileNotFoundError(f"{object_dir} is not a prepared object: run prepare_data.py")
+    cameras = json.loads((object_dir / "cameras.json").read_text())
+    views = list(range(len(cameras["views"]))) if views is None else list(views)
+    return {
+        "rgba": np.stack(
+            [np.asarray(Image.open(object_dir / "rgba" / f"{v:03d}.png")) for v in views]
+        ),
+        "depth": np.stack([np.load(object_dir / "depth" / f"{v:03d}.npy") for v in views]),
+        "c2w": np.array([cameras["views"][v]["c2w"] for v in views], dtype=np.float32),
+        "fovy_deg": float(cameras["fovy_deg"]),
+        "view_indices": np.array(views),
+        "cameras": cameras,
+        "meta": json.loads((object_dir / "meta.json").read_text()),
+    }
+
+
+def conditioning_image(rgba_view0: np.ndarray, cond_size: int) -> torch.Tensor:
+    """View 0 -> what inference feeds the model for it: run.py's resize_foreground(0.85), then
+    the model's own preprocessing (grey compositing, antialiased bilinear resize).
+
+    The renders are framed so resize_foreground is nearly the identity here; applying it anyway
+    keeps training input and inference input the same function of the picture. -> (S, S, 3)
+    """
+    framed = resize_foreground(Image.fromarray(rgba_view0, mode="RGBA"), FOREGROUND_RATIO)
+    return prepare_images(framed, cond_size)[0]
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """Objects of one split of a prepared dataset folder.
+
+    Item: object_id; cond_image (S,S,3) in [0,1] from view 0 as at inference; supervision views
+    rgb (V,H,W,3) on WHITE (the volume renderer's background), mask (V,H,W) = alpha, depth
+    (V,H,W) ray distance (0 = background), c2w (V,4,4), fovy_deg, view_indices (V,).
+    Supervision views always start with view 0. With `n_supervision_views`, train draws the
+    others from (seed, epoch, index) (call `set_epoch`), val/test take evenly spaced ones.
+    """
+
+    def __init__(
+        self, root: str | Path, split: str = "train", n_supervision_views: int | None = None,
+        cond_size: int = 512, seed: int = 0,
+    ):  # fmt: skip
+        self.root = Path(root)
+        split_path = self.root / "split.json"
+        if not split_path.exists():
+            raise FileNotFoundError(
+                f"no dataset at {self.root} (no split.json): build it with `python prepare_data.py --out {self.root}`"
+            )
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        splits = json.loads(split_path.read_text())
+        self.object_ids = (
+            sorted(i for s in SPLITS[:3] for i in splits[s]) if split == "all" else splits[split]
+        )
+        self.split, self.n_supervision_views, self.cond_size = split, n_supervision_views, cond_size
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.object_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training draws other supervision views each epoch, reproducibly."""
+        self.epoch = epoch
+
+    def supervision_views(self, index: int, n_available: int) -> list[int]:
+        n = self.n_supervision_views or n_available
+        if n >= n_available:
+            return list(range(n_available))
+        if self.split == "train":
+            generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            )
+            others = (
+                (torch.randperm(n_available - 1, generator=generator)[: n - 1] + 1).sort().values
+            )
+            return [0, *others.tolist()]
+        return (
+            [0, *np.linspace(1, n_available - 1, n - 1).round().astype(int).tolist()]
+            if n > 1
+            else [0]
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        object_dir = self.root / self.object_ids[index]
+        n_available = len(json.loads((object_dir / "cameras.json").read_text())["views"])
+        views = read_object(object_dir, self.supervision_views(index, n_available))
+        rgba = torch.from_numpy(views["rgba"]).float() / 255.0  # (V, H, W, 4), straight alpha
+        mask = rgba[..., 3]
+        return {
+            "object_id": self.object_ids[index],
+            "cond_image": conditioning_image(views["rgba"][0], self.cond_size),
+            "rgb": rgba[..., :3] * mask[..., None] + (1 - mask[..., None]),  # on white
+            "mask": mask,
+            "depth": torch.from_numpy(views["depth"]),
+            "c2w": torch.from_numpy(views["c2w"]),
+            "fovy_deg": views["fovy_deg"],
+            "view_indices": torch.from_numpy(views["view_indices"]),
+        }
+
+
+def _gather(item: dict, view: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> dict:
+    """Rays and targets at pixels (any equal shapes (...)) of one item's views."""
+    height, width = item["mask"].shape[1:]
+    rays_o = torch.empty(*view.shape, 3)
+    rays_d = torch.empty(*view.shape, 3)
+    for v in view.unique():
+        chosen = view == v
+        pixels = torch.stack([row[chosen], col[chosen]], dim=-1)  # (n, 2) as (row, col)
+        rays_o[chosen], rays_d[chosen] = pixel_to_ray(
+            item["c2w"][v], pixels, height, width, item["fovy_deg"]
+        )
+    return {
+        "rays_o": rays_o, "rays_d": rays_d, "rgb": item["rgb"][view, row, col],
+        "mask": item["mask"][view, row, col], "depth": item["depth"][view, row, col],
+        "view_index": view,
+    }  # fmt: skip
+
+
+def sample_rays(item: dict, n_rays: int, generator: torch.Generator | None = None) -> dict:
+    """Uniformly random pixels over all supervision views of one item.
+
+    -> rays_o, rays_d, rgb (N,3); mask, depth, view_index (N,); pixel_ij (N,2)
+    """
+    n_views, height, width = item["mask"].shape
+    flat = torch.randint(n_views * height * width, (n_rays,), generator=generator)
+    view, row, col = flat // (height * width), flat // width % height, flat % width
+    return {**_gather(item, view, row, col), "pixel_ij": torch.stack([row, col], dim=-1)}
+
+
+def sample_patches(
+    item: dict, n_patches: int, patch_size: int, generator: torch.Generator | None = None,
+    object_bias: float = 0.75,
+) -> dict:  # fmt: skip
+    """Square patches of pixels, as TripoSR trains (128 px patches of 512 px renders).
+
+    With probability `object_bias` a patch is centred on a random pixel of the object's mask
+    bounding box (clamped into the image), otherwise placed uniformly, so most patches teach
+    shape while some still teach the empty space around it.
+    -> rays_o, rays_d, rgb (P,S,S,3); mask, depth (P,S,S); view_index (P,); top_left (P,2)
+    """
+    n_views, height, width = item["mask"].shape
+    if patch_size > min(height, width):
+        raise ValueError(f"patch_size {patch_size} is larger than the {height}x{width} views")
+    view = torch.randint(n_views, (n_patches,), generator=generator)
+    occupied = item["mask"] > 0  # (V, H, W)
+    has_object = occupied.flatten(1).any(dim=1)  # (V,)
+    rows_any, cols_any = occupied.any(dim=2), occupied.any(dim=1)  # (V, H), (V, W)
+    top_left = []
+    for any_along, extent in ((rows_any, height), (cols_any, width)):
+        index = torch.arange(extent).expand_as(any_along)
+        low = torch.where(any_along, index, extent).min(dim=1).values[view]  # bbox per patch
+        high = torch.where(any_along, index, -1).max(dim=1).values[view]
+        centre = low + (torch.rand(n_patches, generator=generator) * (high - low + 1)).long()
+        biased = (centre - patch_size // 2).clamp(0, extent - patch_size)
+        uniform = torch.randint(extent - patch_size + 1, (n_patches,), generator=generator)
+        top_left.append((biased, uniform))
+    use_object = (torch.rand(n_patches, generator=generator) < object_bias) & has_object[view]
+    top = torch.where(use_object, *top_left[0])
+    left = torch.where(use_object, *top_left[1])
+    offsets = torch.arange(patch_size)
+    row = (top[:, None, None] + offsets[None, :, None]).expand(-1, -1, patch_size)  # (P, S, S)
+    col = (left[:, None, None] + offsets[None, None, :]).expand(-1, patch_size, -1)
+    patches = _gather(item, view[:, None, None].expand_as(row), row, col)
+    return {**patches, "view_index": view, "top_left": torch.stack([top, left], dim=-1)}
+
+
+def dataset_statistics(root: str | Path) -> dict:
+    """Numbers about a prepared dataset, as data (notebook 01 plots and prints them).
+
+    -> {"summary": {...}, "objects": [one dict per object]}
+    """
+    root = Path(root)
+    dataset_path = root / "dataset.json"
+    if not dataset_path.exists():
+        raise FileNotFoundError(
+            f"no dataset at {root} (no dataset.json): run prepare_data.py --out {root}"
+        )
+    dataset = json.loads(dataset_path.read_text())
+    splits = json.loads((root / "split.json").read_text())
+    split_of = {object_id: s for s in SPLITS[:3] for object_id in splits[s]}
+    rows = []
+    for object_id in dataset["objects"]:
+        views = read_object(root / object_id)
+        meta, alpha, depth = views["meta"], views["rgba"][..., 3], views["depth"]
+        hits = depth[depth != DEPTH_BACKGROUND]
+        rows.append({
+            "object_id": object_id, "split": split_of.get(object_id, "none"),
+            "family": meta.get("family", "meshes"), "kind": meta.get("kind", ""),
+            "n_faces": meta["n_faces"], "watertight": meta["watertight"], "scale": meta["scale"],
+            "framing": meta["framing"], "view0_foreground_ratio": meta["view0_foreground_ratio"],
+            "foreground_fraction": float((alpha / 255.0).mean()),
+            "depth_min": float(hits.min()) if hits.size else float("nan"),
+            "depth_max": float(hits.max()) if hits.size else float("nan"),
+            "max_abs_coordinate": float(np.abs(meta["bounds"]).max()),
+        })  # fmt: skip
+    numeric = (
+        "n_faces",
+        "scale",
+        "view0_foreground_ratio",
+        "foreground_fraction",
+        "depth_min",
+        "depth_max",
+        "max_abs_coordinate",
+    )
+
+    def count(key: str) -> dict:
+        values = [row[key] for row in rows]
+        return {value: values.count(value) for value in sorted(set(values))}
+
+    summary = {
+        "root": str(root), "n_objects": len(rows), "settings": dataset["settings"],
+        "n_images": len(rows) * dataset["settings"]["n_views"], "split": count("split"),
+        "family": count("family"), "kind": count("kind"), "framing": count("framing"),
+        "watertight": sum(row["watertight"] for row in rows), "skipped_files": dataset["skipped"],
+        "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+        **{f"{key}_mean_min_max": [float(np.mean(c)), float(np.min(c)), float(np.max(c))]
+           for key in numeric if len(c := [row[key] for row in rows])},
+    }  # fmt: skip
+    return {"summary": summary, "objects": rows}

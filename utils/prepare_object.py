@@ -1,0 +1,256 @@
+"""One mesh -> one object folder of multi-view renders in TripoSR's cameras.
+
+    data/<set>/<object_id>/rgba/000.png    RGBA, alpha = pixel coverage
+                           depth/000.npy   float32 ray distance, 0 = background
+                           cameras.json    fovy, per view a 4x4 camera-to-world (TripoSR world)
+                           mesh.glb        the normalised ground truth (z-up coordinates)
+                           meta.json       source, seed, scale, offset, settings
+
+View 0 is TripoSR's canonical conditioning camera (`orbit_cameras(1, 0, 1.9)`, fovy 40) and the
+object is scaled (and shifted across the view axis) so that view 0 already looks like what
+inference preprocessing produces: the alpha bounding box centred, its longer side 0.85 of the
+frame. 3D and image stay consistent because the mesh itself is scaled, not the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from PIL import Image
+
+from tsr.cameras import focal_length, look_at, orbit_cameras, orbit_positions
+
+from .render_views import DEPTH_BACKGROUND, render_views
+
+FOVY_DEG = 40.0  # TripoSR's render and conditioning field of view
+DISTANCE = 1.9  # TripoSR's camera distance
+FOREGROUND_RATIO = 0.85  # run.py's resize_foreground ratio
+CUBE_RADIUS = 0.87 * (1 - 1e-3)  # the volume renderer's (shrunk) bounding cube
+MESH_SUFFIXES = (".obj", ".glb", ".ply", ".stl")
+# y-up files (glTF's convention, pyrender's scenes) -> our z-up world: y becomes z, and the
+# y-up "front" (+z, where a y-up front camera sits) becomes +x, where our view 0 sits.
+Y_UP_TO_Z_UP = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+CONVENTION = (
+    "TripoSR world: right-handed, z up. c2w is camera-to-world, OpenGL camera (columns right, "
+    "up, -forward; looks down its -z). Pixel (row j, col i) has the unit ray through "
+    "((i+0.5-W/2)/f, -(j+0.5-H/2)/f, -1), f = 0.5*H/tan(fovy/2). depth = distance along that "
+    "unit ray, 0 = background."
+)
+
+
+class MeshLoadError(ValueError):
+    """A file that cannot be used as a mesh; prepare_dataset names it and carries on."""
+
+
+def load_mesh(path: str | Path, up: str = "z") -> trimesh.Trimesh:
+    """Read .obj/.glb/.ply/.stl as one triangle mesh in our z-up world; textures -> colours."""
+    path = Path(path)
+    try:
+        loaded = trimesh.load(path, force="mesh")
+        if isinstance(loaded, trimesh.Trimesh) and isinstance(
+            loaded.visual, trimesh.visual.TextureVisuals
+        ):
+            loaded.visual = loaded.visual.to_color()  # the renderer shades vertex colours
+    except Exception as error:  # trimesh raises many types for broken files; name the file
+        raise MeshLoadError(
+            f"{path}: cannot be read as a mesh ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(loaded, trimesh.Trimesh):
+        raise MeshLoadError(f"{path}: holds a {type(loaded).__name__}, not a triangle mesh")
+    if len(loaded.faces) == 0:
+        raise MeshLoadError(f"{path}: has no triangles (empty or not a mesh file)")
+    if not np.isfinite(loaded.vertices).all() or np.ptp(loaded.vertices, axis=0).max() <= 0:
+        raise MeshLoadError(f"{path}: degenerate geometry (non-finite or zero-size vertices)")
+    if up == "y":
+        rotation = np.eye(4)
+        rotation[:3, :3] = Y_UP_TO_Z_UP
+        loaded.apply_transform(rotation)
+    elif up != "z":
+        raise ValueError(f"up must be 'z' or 'y', got {up!r}")
+    return loaded
+
+
+def conditioning_framing(
+    vertices: np.ndarray,
+    size: int,
+    fovy_deg: float = FOVY_DEG,
+    distance: float = DISTANCE,
+    ratio: float = FOREGROUND_RATIO,
+    max_radius: float = CUBE_RADIUS,
+) -> tuple[float, np.ndarray, bool]:
+    """Scale s and offset t so that `s * vertices + t`, seen by view 0, has its projected
+    bounding box centred with its longer side `ratio * size` pixels.
+    -> (s, t (3,), whether that size was reached)
+
+    A polyhedron's silhouette extremes are at vertices, so projecting vertices is exact. The
+    offset lies across the view axis; perspective makes this a small fixed-point iteration.
+    The scale never takes a vertex beyond `max_radius` (an object deep along the view axis
+    then fills less of view 0; `prepare_object` records it).
+    """
+    c2w = orbit_cameras(1, 0.0, distance)[0].double().numpy()
+    right, up, backward, eye = c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3]
+    f, target = focal_length(fovy_deg, size), ratio * size
+    scale_limit = max_radius / np.abs(vertices).max()
+    scale, offset = min(1.0, scale_limit), np.zeros(3)
+    for _ in range(100):
+        relative = scale * vertices + offset - eye  # (N, 3)
+        depth = -(relative @ backward)  # (N,) distance in front of the camera, > 0 inside the cube
+        u, v = f * (relative @ right) / depth, f * (relative @ up) / depth  # pixels from centre
+        extent = max(np.ptp(u), np.ptp(v))
+        centre_u, centre_v = (u.max() + u.min()) / 2, (v.max() + v.min()) / 2
+        new_scale = min(scale * target / extent, scale_limit)
+        converged = (
+            abs(new_scale - scale) < 1e-9 * scale and max(abs(centre_u), abs(centre_v)) < 1e-7
+        )
+        offset -= (centre_u * right + centre_v * up) * distance / f
+        scale = new_scale
+        if converged:
+            break
+    return scale, offset, extent >= target * (1 - 1e-6)
+
+
+def view_cameras(
+    n_views: int,
+    rng: np.random.Generator,
+    elevation_range: tuple[float, float] = (-10.0, 40.0),
+    distance: float = DISTANCE,
+    axis_views: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """View 0 = TripoSR's conditioning camera; the rest around it. -> c2w (V,4,4), az, el (V,)
+
+    Default: azimuths evenly spaced with jitter, elevations uniform in `elevation_range`.
+    `axis_views`: the course project's six views front, right, back, left, top, bottom.
+    """
+    if axis_views:
+        azimuth = np.array([0.0, 90.0, 180.0, 270.0, 0.0, 0.0])
+        elevation = np.array([0.0, 0.0, 0.0, 0.0, 90.0, -90.0])
+        c2w = look_at(
+            orbit_positions(torch.tensor(azimuth[:4]), torch.tensor(elevation[:4]), distance)
+        )
+        # look_at is undefined straight up/down; use its limit at azimuth 0: right stays +y
+        top = [[0, -1, 0, 0], [1, 0, 0, 0], [0, 0, 1, distance], [0, 0, 0, 1]]
+        bottom = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, -1, -distance], [0, 0, 0, 1]]
+        return (
+            torch.cat([c2w, torch.tensor([top, bottom], dtype=torch.float32)]),
+            azimuth,
+            elevation,
+        )
+    step = 360.0 / n_views
+    azimuth = np.arange(n_views) * step + rng.uniform(-0.5, 0.5, n_views) * step
+    elevation = rng.uniform(*elevation_range, n_views)
+    azimuth[0], elevation[0] = 0.0, 0.0
+    positions = orbit_positions(torch.tensor(azimuth), torch.tensor(elevation), distance)
+    return look_at(positions), azimuth, elevation
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def object_rng(seed: int, object_id: str) -> np.random.Generator:
+    """A per-object generator that does not depend on which other objects are built."""
+    return np.random.default_rng([seed, zlib.crc32(object_id.encode())])
+
+
+def prepare_object(
+    mesh: trimesh.Trimesh,
+    out_dir: str | Path,
+    n_views: int = 8,
+    size: int = 256,
+    seed: int = 0,
+    *,
+    source: str = "",
+    axis_views: bool = False,
+    elevation_range: tuple[float, float] = (-10.0, 40.0),
+    antialias: int = 5,
+    force: bool = False,
+) -> dict:
+    """Normalise, frame, render and write one object atomically. -> its meta.json contents.
+
+    An existing `out_dir` is a finished object (it only appears by an atomic rename) and is
+    kept unless `force`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        return json.loads((out_dir / "meta.json").read_text())
+    settings = {
+        "n_views": 6 if axis_views else n_views, "size": size, "fovy_deg": FOVY_DEG,
+        "distance": DISTANCE, "foreground_ratio": FOREGROUND_RATIO, "axis_views": axis_views,
+        "elevation_range": list(elevation_range), "antialias": antialias,
+    }  # fmt: skip
+    mesh = mesh.copy()
+    low, high = mesh.bounds
+    mesh.apply_translation(-(low + high) / 2)
+    mesh.apply_scale(1.0 / float(np.ptp(mesh.bounds, axis=0).max()))
+    scale, offset, filled = conditioning_framing(mesh.vertices, size)
+    reach = np.abs(scale * mesh.vertices + offset).max()
+    if reach > CUBE_RADIUS:  # the offset pushed a corner out: shrink about the origin
+        scale, offset, filled = scale * CUBE_RADIUS / reach, offset * CUBE_RADIUS / reach, False
+    # "shrunk_to_cube": too deep along view 0's axis to fill 85 % of it inside TripoSR's cube
+    framing = "foreground_ratio" if filled else "shrunk_to_cube"
+    mesh.apply_scale(scale)
+    mesh.apply_translation(offset)
+
+    c2w, azimuth, elevation = view_cameras(
+        settings["n_views"], object_rng(seed, out_dir.name), elevation_range, axis_views=axis_views
+    )
+    views = render_views(mesh, c2w, FOVY_DEG, size, antialias=antialias)
+    alpha0 = views["rgba"][0, ..., 3] > 0
+    rows, cols = np.nonzero(alpha0)
+    bbox_side = max(np.ptp(rows), np.ptp(cols)) + 1 if len(rows) else 0
+    meta = {
+        "object_id": out_dir.name, "source": source, "seed": seed, "settings": settings,
+        "scale": float(scale), "offset": offset.tolist(), "framing": framing,
+        "view0_foreground_ratio": float(bbox_side / size), "bounds": mesh.bounds.tolist(),
+        "n_vertices": len(mesh.vertices), "n_faces": len(mesh.faces),
+        "watertight": bool(mesh.is_watertight), "n_supersampled_pixels": views["n_supersampled"],
+        **{k: v for k, v in mesh.metadata.items() if k in ("family", "kind", "index")},
+    }  # fmt: skip
+    cameras = {
+        "convention": CONVENTION, "fovy_deg": FOVY_DEG, "width": size, "height": size,
+        "depth_background": DEPTH_BACKGROUND,
+        "views": [
+            {"c2w": c2w[v].tolist(), "azimuth_deg": float(azimuth[v]),
+             "elevation_deg": float(elevation[v]), "distance": DISTANCE}
+            for v in range(len(c2w))
+        ],
+    }  # fmt: skip
+
+    _write_object_atomically(out_dir, views, cameras, meta, mesh)
+    return meta
+
+
+def _write_object_atomically(
+    out_dir: Path, views: dict, cameras: dict, meta: dict, mesh: trimesh.Trimesh
+) -> None:
+    """Write into a temporary sibling, then rename it: never a half-written object."""
+    for kind in ("tmp", "old"):  # leftovers of an interrupted run
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            shutil.rmtree(leftover)
+    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        (temporary / "rgba").mkdir(parents=True)
+        (temporary / "depth").mkdir()
+        for v, (rgba, depth) in enumerate(zip(views["rgba"], views["depth"], strict=True)):
+            Image.fromarray(rgba, mode="RGBA").save(temporary / "rgba" / f"{v:03d}.png")
+            np.save(temporary / "depth" / f"{v:03d}.npy", depth)
+        mesh.export(temporary / "mesh.glb")
+        _write_json(temporary / "cameras.json", cameras)
+        _write_json(temporary / "meta.json", meta)
+    except BaseException:  # also Ctrl-C: remove the partial folder, then let it propagate
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if out_dir.exists():  # force: move the old one aside first (rename onto a full dir fails)
+        stale = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, stale)
+        os.replace(temporary, out_dir)
+        shutil.rmtree(stale)
+    else:
+        os.replace(temporary, out_dir)
