@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--input-up", choices=("z", "y"), default="z", help="up axis of input meshes (glTF is y)"
     )
     parser.add_argument("--axis-views", action="store_true", help="6 axis views instead of --views")
+    parser.add_argument(
+        "--occupancy-points",
+        type=int,
+        default=0,
+        help="inside/outside samples per object (0: none)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild objects that already exist")
     parser.add_argument(
         "--workers", type=int, default=None, help="parallel objects (default: all cores)"
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare_dataset(
             args.out, families=tuple(f for f in args.family.split(",") if f), n_objects=args.n,
             n_views=args.views, size=args.size, seed=args.seed, input_folder=args.input_folder,
-            input_up=args.input_up, axis_views=args.axis_views, force=args.force, workers=args.workers,
+            input_up=args.input_up, axis_views=args.axis_views, occupancy_points=args.occupancy_points,
+            force=args.force, workers=args.workers,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

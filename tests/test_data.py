@@ -325,3 +325,25 @@ def test_statistics_describe_the_dataset(dataset_root):
     assert summary["max_abs_coordinate_mean_min_max"][2] <= CUBE_RADIUS
     with pytest.raises(FileNotFoundError, match=r"prepare_data\.py"):
         MultiViewDataset(Path(dataset_root) / "missing")
+
+
+def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
+    from utils.data import MultiViewDataset
+    from utils.prepare_object import occupancy_samples
+
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    samples = occupancy_samples(sphere, 2000, np.random.default_rng(0))
+    points = samples["points"].astype(np.float32)
+    assert points.shape == (2000, 3) and np.abs(points).max() <= 0.87
+    distance = np.linalg.norm(points, axis=1)
+    clear = np.abs(distance - 0.5) > 0.01  # tessellation moves the surface by < 0.01
+    np.testing.assert_array_equal(samples["inside"][clear], distance[clear] < 0.5)
+    assert 0.2 < samples["inside"].mean() < 0.8  # near-surface points on both sides
+
+    from utils.build_dataset import prepare_dataset
+
+    prepare_dataset(
+        tmp_path / "set", ("primitives",), 3, n_views=2, size=32, occupancy_points=64, workers=1
+    )
+    item = MultiViewDataset(tmp_path / "set", "train", cond_size=32)[0]
+    assert item["occupancy_points"].shape == (64, 3) and item["occupancy"].shape == (64,)

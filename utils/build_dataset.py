@@ -108,7 +108,8 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
         return {"object_id": job.object_id, "skipped": str(error), "file": job.source}
     meta = prepare_object(
         mesh, out / job.object_id, options["n_views"], options["size"], options["seed"],
-        source=job.source, axis_views=options["axis_views"], force=True,
+        source=job.source, axis_views=options["axis_views"],
+        occupancy_points=options["occupancy_points"], force=True,
     )  # fmt: skip
     return {"object_id": job.object_id, "n_views": meta["settings"]["n_views"], "meta": meta}
 
@@ -123,6 +124,7 @@ def prepare_dataset(
     input_folder: str | Path | None = None,
     input_up: str = "z",
     axis_views: bool = False,
+    occupancy_points: int = 0,
     force: bool = False,
     workers: int | None = None,
 ) -> dict:
@@ -135,14 +137,21 @@ def prepare_dataset(
         "seed": seed,
         "axis_views": axis_views,
         "input_up": input_up,
+        "occupancy_points": occupancy_points,
     }
-    wanted = {"n_views": 6 if axis_views else n_views, "size": size, "axis_views": axis_views}
+    wanted = {
+        "n_views": 6 if axis_views else n_views,
+        "size": size,
+        "axis_views": axis_views,
+        "occupancy_points": occupancy_points,
+    }
     existing, mismatched = {}, []
     for job in jobs:
         meta_path = out / job.object_id / "meta.json"
         if meta_path.exists() and not force:
             meta = json.loads(meta_path.read_text())
-            if any(meta["settings"][k] != v for k, v in wanted.items()) or meta["seed"] != seed:
+            settings = {"occupancy_points": 0, **meta["settings"]}
+            if any(settings[k] != v for k, v in wanted.items()) or meta["seed"] != seed:
                 mismatched.append(job.object_id)
             existing[job.object_id] = meta
     if mismatched:

@@ -137,7 +137,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         views = read_object(object_dir, self.supervision_views(index, n_available))
         rgba = torch.from_numpy(views["rgba"]).float() / 255.0  # (V, H, W, 4), straight alpha
         mask = rgba[..., 3]
-        return {
+        item = {
             "object_id": self.object_ids[index],
             "cond_image": conditioning_image(views["rgba"][0], self.cond_size),
             "rgb": rgba[..., :3] * mask[..., None] + (1 - mask[..., None]),  # on white
@@ -147,6 +147,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
             "fovy_deg": views["fovy_deg"],
             "view_indices": torch.from_numpy(views["view_indices"]),
         }
+        if (object_dir / "occupancy.npz").exists():  # built with --occupancy-points
+            with np.load(object_dir / "occupancy.npz") as occupancy:
+                item["occupancy_points"] = torch.from_numpy(occupancy["points"].astype(np.float32))
+                item["occupancy"] = torch.from_numpy(occupancy["inside"].astype(np.float32))
+        return item
 
 
 def _gather(item: dict, view: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> dict:

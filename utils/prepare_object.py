@@ -170,9 +170,13 @@ def prepare_object(
     axis_views: bool = False,
     elevation_range: tuple[float, float] = (-10.0, 40.0),
     antialias: int = 5,
+    occupancy_points: int = 0,
     force: bool = False,
 ) -> dict:
     """Normalise, frame, render and write one object atomically. -> its meta.json contents.
+
+    `occupancy_points` > 0 also writes `occupancy.npz`: 3D points near and around the surface
+    with inside/outside labels, a direct geometry signal for pretraining.
 
     An existing `out_dir` is a finished object (it only appears by an atomic rename) and is
     kept unless `force`.
@@ -184,6 +188,7 @@ def prepare_object(
         "n_views": 6 if axis_views else n_views, "size": size, "fovy_deg": FOVY_DEG,
         "distance": DISTANCE, "foreground_ratio": FOREGROUND_RATIO, "axis_views": axis_views,
         "elevation_range": list(elevation_range), "antialias": antialias,
+        "occupancy_points": occupancy_points,
     }  # fmt: skip
     mesh = mesh.copy()
     low, high = mesh.bounds
@@ -223,12 +228,41 @@ def prepare_object(
         ],
     }  # fmt: skip
 
-    _write_object_atomically(out_dir, views, cameras, meta, mesh)
+    occupancy = (
+        occupancy_samples(mesh, occupancy_points, object_rng(seed + 1, out_dir.name))
+        if occupancy_points > 0
+        else None
+    )
+    _write_object_atomically(out_dir, views, cameras, meta, mesh, occupancy)
     return meta
 
 
+def occupancy_samples(
+    mesh: trimesh.Trimesh, n_points: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Points with inside/outside labels: half within ~0.02 of the surface (where the
+    marching-cubes level set must fall), a quarter within ~0.08, a quarter anywhere in the cube.
+
+    -> points (N, 3) float16, inside (N,) bool
+    """
+    n_near, n_wide = n_points // 2, n_points // 4
+    n_uniform = n_points - n_near - n_wide
+    surface, _ = trimesh.sample.sample_surface(mesh, n_near + n_wide, seed=rng)
+    noise = rng.normal(size=(n_near + n_wide, 3))
+    noise[:n_near] *= 0.02
+    noise[n_near:] *= 0.08
+    uniform = rng.uniform(-CUBE_RADIUS, CUBE_RADIUS, size=(n_uniform, 3))
+    points = np.clip(np.concatenate([surface + noise, uniform]), -CUBE_RADIUS, CUBE_RADIUS)
+    return {"points": points.astype(np.float16), "inside": mesh.contains(points)}
+
+
 def _write_object_atomically(
-    out_dir: Path, views: dict, cameras: dict, meta: dict, mesh: trimesh.Trimesh
+    out_dir: Path,
+    views: dict,
+    cameras: dict,
+    meta: dict,
+    mesh: trimesh.Trimesh,
+    occupancy: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write into a temporary sibling, then rename it: never a half-written object."""
     for kind in ("tmp", "old"):  # leftovers of an interrupted run
@@ -242,6 +276,8 @@ def _write_object_atomically(
             Image.fromarray(rgba, mode="RGBA").save(temporary / "rgba" / f"{v:03d}.png")
             np.save(temporary / "depth" / f"{v:03d}.npy", depth)
         mesh.export(temporary / "mesh.glb")
+        if occupancy is not None:
+            np.savez(temporary / "occupancy.npz", **occupancy)
         _write_json(temporary / "cameras.json", cameras)
         _write_json(temporary / "meta.json", meta)
     except BaseException:  # also Ctrl-C: remove the partial folder, then let it propagate

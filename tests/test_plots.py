@@ -1,0 +1,154 @@
+"""Figures: live loss curves, contact sheets, camera frustums, grids, bars, benchmarks."""
+
+import io
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+matplotlib.use("Agg")
+
+from tsr.cameras import orbit_cameras
+from utils import plots
+
+
+def decoded(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_live_plot_outside_a_notebook_writes_train_and_validation_curves(tmp_path):
+    out = tmp_path / "curves" / "loss.png"
+    live = plots.LivePlot(out_png=out)
+    for step in range(1, 6):
+        live.on_step(step, {"loss": 1.0 / step, "lr": 1e-3, "note": "text"})
+    live.on_validation(3, {"val_loss": 0.4})
+    live.on_validation(5, {"val/loss": 0.3})
+    live.on_end()
+    assert out.is_file() and decoded(out).std() > 10
+    lines = live.figure().axes[0].lines
+    assert [line.get_label() for line in lines] == ["train loss", "val loss"]
+    np.testing.assert_allclose(lines[0].get_ydata(), [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
+    np.testing.assert_array_equal(lines[1].get_xdata(), [3, 5])
+
+
+def test_live_plot_reads_tensors_and_skips_non_finite_values():
+    live = plots.LivePlot(keys=["rgb_loss"])
+    live.on_step(1, {"rgb_loss": torch.tensor(0.5), "mask_loss": 0.1})
+    live.on_step(2, {"rgb_loss": float("nan")})
+    assert live.train == {"rgb_loss": [(1, 0.5)]}
+
+
+def test_live_plot_in_a_notebook_updates_one_output_in_place(monkeypatch):
+    class Handle:
+        updates = 0
+
+        def update(self, obj):
+            Handle.updates += 1
+
+    displayed = []
+
+    def fake_display(obj, display_id=False):
+        displayed.append(obj)
+        return Handle()
+
+    monkeypatch.setattr(plots, "_in_notebook", lambda: True)
+    monkeypatch.setattr("IPython.display.display", fake_display)
+    live = plots.LivePlot(min_interval_s=3600)  # only forced redraws after the first
+    for step in range(10):
+        live.on_step(step, {"loss": 1.0})
+    live.on_validation(10, {"loss": 0.5})
+    live.on_end()
+    assert len(displayed) == 1  # one output, never a new one per step
+    assert Handle.updates == 2  # validation and end redraw it in place
+    assert displayed[0].data.startswith(b"\x89PNG")
+
+
+def test_plot_loss_curves_from_jsonl(tmp_path):
+    records = [{"step": s, "split": "train", "loss": 1 / s} for s in range(1, 4)]
+    records.append({"step": 3, "split": "val", "loss": 0.5})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = plots.plot_loss_curves(path, tmp_path / "loss.png")
+    assert decoded(out).std() > 10
+    assert plots.plot_loss_curves(records, tmp_path / "again.png").is_file()
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        plots.plot_loss_curves(tmp_path / "nope.jsonl", tmp_path / "x.png")
+
+
+def synthetic_views(n_views=3, size=16):
+    rgba = np.zeros((n_views, size, size, 4), dtype=np.uint8)
+    rgba[:, 4:12, 4:12] = [200, 50, 50, 255]
+    depth = np.full((n_views, size, size), np.inf, dtype=np.float32)
+    depth[:, 4:12, 4:12] = np.linspace(1.0, 2.0, n_views)[:, None, None]
+    return rgba, depth
+
+
+def test_contact_sheet_has_a_row_per_kind_and_a_column_per_view():
+    rgba, depth = synthetic_views()
+    fig = plots.contact_sheet(rgba, depth, titles=["a", "b", "c"])
+    axes = np.array(fig.axes).reshape(3, 3)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["RGB", "mask", "depth"]
+    assert [ax.get_title() for ax in axes[0]] == ["a", "b", "c"]
+    mask = axes[1, 0].images[0].get_array()
+    np.testing.assert_array_equal(np.asarray(mask), rgba[0, ..., 3] > 0)  # alpha by default
+    assert axes[0, 0].images[0].get_array()[0, 0].tolist() == [1.0, 1.0, 1.0]  # over white
+    assert len(plots.contact_sheet(rgba).axes) == 2 * 3
+    wide = Image.open(io.BytesIO(plots.figure_png(plots.contact_sheet(*synthetic_views(6)))))
+    assert wide.size[0] > 1.5 * wide.size[1]  # views side by side, kinds stacked
+
+
+def test_camera_frustums_put_apexes_at_camera_centres_and_mark_view_zero():
+    c2w = orbit_cameras(4, elevation_deg=20.0, camera_distance=1.9).numpy()
+    ax = plots.plot_camera_frustums(
+        c2w, fovy_deg=40.0, points=np.random.default_rng(0).random((50, 3)) - 0.5
+    )
+    drawn = [line for line in ax.lines if len(line.get_xdata())]
+    assert len(drawn) == 4 * 6  # per camera: 4 edges from the apex, the ring, the up tick
+    first = drawn[0]
+    assert first.get_color() == "red"
+    apex = np.array([first.get_data_3d()[k][0] for k in range(3)])
+    np.testing.assert_allclose(apex, c2w[0, :3, 3], atol=1e-6)
+    assert all(line.get_color() != "red" for line in drawn[6:])
+    assert ax.get_legend().get_texts()[0].get_text().startswith("view 0")
+
+
+def test_comparison_grid_titles_and_empty_cells():
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    fig = plots.comparison_grid(
+        [[image, image, None], [image, image, image]],
+        row_titles=["chair", "mug"],
+        col_titles=["input", "target", "prediction"],
+    )
+    axes = np.array(fig.axes).reshape(2, 3)
+    assert [ax.get_title() for ax in axes[0]] == ["input", "target", "prediction"]
+    assert axes[1, 0].get_ylabel() == "mug"
+    assert len(axes[0, 2].images) == 0 and len(axes[1, 2].images) == 1
+
+
+def test_metrics_bar_plot_heights_and_error_bars():
+    table = {
+        "base": {"chamfer": 0.05, "chamfer_stderr": 0.01, "psnr": (18.0, 0.5)},
+        "LoRA": {"chamfer": 0.03, "chamfer_stderr": 0.005, "psnr": (21.0, 0.4)},
+    }
+    fig = plots.metrics_bar_plot(table)
+    assert [ax.get_title() for ax in fig.axes] == ["chamfer", "psnr"]
+    heights = [patch.get_height() for patch in fig.axes[1].patches]
+    assert heights == [18.0, 21.0]
+    error_segments = fig.axes[0].collections[0].get_segments()
+    np.testing.assert_allclose([s[1, 1] - s[0, 1] for s in error_segments], [0.02, 0.01])
+
+
+def test_benchmark_plot_draws_a_log_log_line_per_group():
+    records = [
+        {"chunk_size": c, "resolution": r, "seconds": c * r * 1e-6, "peak_memory_mb": c / 10}
+        for r in (64, 128)
+        for c in (1024, 8192, 65536)
+    ]
+    fig = plots.benchmark_plot(records, x="chunk_size", group_by="resolution")
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+        assert len(ax.lines) == 2
