@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .io import DEFAULT_MODEL
 from .model import TSR
 from .preprocess import has_transparency, load_image, remove_background, resize_foreground
 
@@ -17,7 +18,9 @@ from .preprocess import has_transparency, load_image, remove_background, resize_
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tsr", description=__doc__)
     parser.add_argument("images", nargs="+", type=Path, help="input image files")
-    parser.add_argument("--pretrained", default="tiny", help="folder, Hub repo id, or 'tiny'")
+    parser.add_argument(
+        "--pretrained", default=DEFAULT_MODEL, help="folder, Hub repo id, or a shipped model name"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk-size", type=int, default=8192, help="points per decoder call")

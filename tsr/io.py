@@ -16,6 +16,8 @@ from safetensors.torch import load_file as load_safetensors
 from .config import ASSETS
 
 SHIPPED_MODELS = {"tiny": ASSETS / "tiny"}  # name -> folder with config.yaml + weights
+# What notebooks and CLIs load when no model is given: shipped, so nothing is downloaded.
+DEFAULT_MODEL = "tiny"
 OFFICIAL_REPO = "stabilityai/TripoSR"
 
 

@@ -14,6 +14,9 @@ from functools import cache
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 # Preference order: torchmcubes runs on the GPU and is what TripoSR uses; PyMCubes gives the
 # same mesh on the CPU; scikit-image is the fallback most environments already have.
@@ -108,6 +111,29 @@ def marching_cubes(
     face outward. The threshold is subtracted in float32 before the backend runs at level 0,
     as TripoSR does, so the vertices match its output bit for bit.
     """
-    level = torch.as_tensor(volume, dtype=torch.float32) - threshold
+    level = torch.as_tensor(volume, dtype=torch.float32) - float(threshold)
     verts, faces = marching_cubes_level(level, backend)
     return verts.astype(np.float32), faces
+
+
+def weld_block_seams(verts: np.ndarray, faces: np.ndarray, seams: np.ndarray, tolerance: float):
+    """Merge the copies of vertices on block seams (grid planes shared by two blocks).
+
+    verts: (V, 3) float64 grid units. Two blocks interpolate a seam edge from its two ends in
+    opposite orders, so copies may differ by a few ulps: they are matched within `tolerance`.
+    """
+    on_seam = np.isin(verts, seams).any(axis=1)
+    seam_ids = np.flatnonzero(on_seam)
+    pairs = cKDTree(verts[seam_ids]).query_pairs(tolerance, output_type="ndarray")
+    if len(pairs) == 0:
+        return verts, faces
+    n = len(seam_ids)
+    links = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, group = connected_components(links, directed=False)
+    first_of_group = np.full(group.max() + 1, n)
+    np.minimum.at(first_of_group, group, np.arange(n))
+    representative = np.arange(len(verts))
+    representative[seam_ids] = seam_ids[first_of_group[group]]
+    keep = representative == np.arange(len(verts))
+    new_index = np.cumsum(keep) - 1
+    return verts[keep], new_index[representative[faces]]

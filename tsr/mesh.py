@@ -27,12 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import trimesh
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from tsr.marching_cubes import crosses_zero, marching_cubes_level, resolve_backend
+from tsr.marching_cubes import marching_cubes_level, resolve_backend, weld_block_seams
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N,) density
 ColorFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N, 3) in [0, 1]
@@ -108,11 +105,11 @@ def _query_grid(
                 f"density_fn returned shape {tuple(density.shape)} for {len(ids)} points: "
                 "it must return one density per point, shaped (N,) or (N, 1)"
             )
-        level = density.reshape(-1) - threshold  # float32 subtraction, as TripoSR
+        level = density.reshape(-1).float() - threshold  # in float32, as TripoSR
         if point_ids is None:
             out[start:stop] = level
         else:
-            out[ids] = level.to(out.dtype)
+            out[ids] = level
         if bar is not None:
             bar.update(1)
     return n_points
@@ -150,35 +147,41 @@ class _CoarseToFine:
     def _cells_of(self, fine_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (up to two) coarse cells along one axis that contain each fine index."""
         last = self.n_coarse - 2
-        below = (torch.div(fine_ids + self.step - 1, self.step, rounding_mode="floor") - 1).clamp(
-            0, last
-        )
-        above = torch.div(fine_ids, self.step, rounding_mode="floor").clamp(0, last)
+        below = ((fine_ids + self.step - 1) // self.step - 1).clamp(0, last)
+        above = (fine_ids // self.step).clamp(0, last)
         return below, above
 
-    def sample(self, density_fn, axis, threshold, lo, hi, chunk_size) -> tuple[torch.Tensor, int]:
+    def sample(self, density_fn, axis, threshold, lo, hi, chunk_size, bar):
         """(X, Y, Z) level volume of the block of grid points lo..hi (inclusive)."""
         fine = [torch.arange(a, b + 1, device=axis.device) for a, b in zip(lo, hi, strict=True)]
-        cells = [self._cells_of(ids) for ids in fine]
-        near = [
-            torch.div(ids + self.step // 2, self.step, rounding_mode="floor").clamp(
-                max=self.n_coarse - 1
-            )
-            for ids in fine
-        ]
+        cells = [self._cells_of(ids) for ids in fine]  # per axis: (cell below, cell above)
+        near = [(ids + self.step // 2) // self.step for ids in fine]
+        near = [ids.clamp(max=self.n_coarse - 1) for ids in near]
         # Outside refined cells, the nearest coarse point is a corner of a cell whose corners
         # all share one sign: the fill has the right sign and no spurious crossing.
         level = self.coarse[near[0][:, None, None], near[1][None, :, None], near[2][None, None, :]]
-        query = torch.zeros(level.shape, dtype=torch.bool, device=axis.device)
-        for cx in cells[0]:
-            for cy in cells[1]:
-                for cz in cells[2]:
-                    query |= self.selected[cx[:, None, None], cy[None, :, None], cz[None, None, :]]
-        level = level.reshape(-1).contiguous()
+        block_cells = tuple(slice(below[0], above[-1] + 1) for below, above in cells)
+        if not self.selected[block_cells].any():  # far from the surface: nothing to refine
+            return level, 0
+        # Query a point when any cell containing it is selected; the "any" is separable, so
+        # it is taken one axis at a time: (K,K,K) -> (X,K,K) -> (X,Y,K) -> (X,Y,Z).
+        query = self.selected
+        for dim, (below, above) in enumerate(cells):
+            query = query.index_select(dim, below) | query.index_select(dim, above)
+        level = level.reshape(-1)
         point_ids = torch.nonzero(query.reshape(-1)).squeeze(1)
         axes = tuple(axis[ids] for ids in fine)
-        n = _query_grid(density_fn, axes, threshold, level, chunk_size, point_ids)
+        n = _query_grid(density_fn, axes, threshold, level, chunk_size, point_ids, bar)
         return level.view(query.shape), n
+
+
+def _sample_dense(density_fn, axis, threshold, lo, hi, chunk_size, bar):
+    """(X, Y, Z) level volume of the block of grid points lo..hi (inclusive), all queried."""
+    axes = tuple(axis[a : b + 1] for a, b in zip(lo, hi, strict=True))
+    shape = tuple(len(ax) for ax in axes)
+    level = torch.empty(shape[0] * shape[1] * shape[2], device=axis.device)
+    n = _query_grid(density_fn, axes, threshold, level, chunk_size, bar=bar)
+    return level.view(shape), n
 
 
 def _block_ranges(resolution: int, block_cells: int) -> list[tuple[int, int]]:
@@ -186,29 +189,6 @@ def _block_ranges(resolution: int, block_cells: int) -> list[tuple[int, int]]:
     return [
         (a, min(a + block_cells, resolution - 1)) for a in range(0, resolution - 1, block_cells)
     ]
-
-
-def _weld_seams(verts: np.ndarray, faces: np.ndarray, seams: np.ndarray, tolerance: float):
-    """Merge the copies of vertices on block seams (grid planes shared by two blocks).
-
-    verts: (V, 3) float64 grid units. Two blocks interpolate a seam edge from its two ends in
-    opposite orders, so copies may differ by a few ulps: they are matched within `tolerance`.
-    """
-    on_seam = np.isin(verts, seams).any(axis=1)
-    seam_ids = np.flatnonzero(on_seam)
-    pairs = cKDTree(verts[seam_ids]).query_pairs(tolerance, output_type="ndarray")
-    if len(pairs) == 0:
-        return verts, faces
-    n = len(seam_ids)
-    links = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, group = connected_components(links, directed=False)
-    first_of_group = np.full(group.max() + 1, n)
-    np.minimum.at(first_of_group, group, np.arange(n))
-    representative = np.arange(len(verts))
-    representative[seam_ids] = seam_ids[first_of_group[group]]
-    keep = representative == np.arange(len(verts))
-    new_index = np.cumsum(keep) - 1
-    return verts[keep], new_index[representative[faces]]
 
 
 def _empty_surface_message(threshold: float, low: float, high: float) -> str:
@@ -240,78 +220,87 @@ def extract_isosurface(
 ) -> MeshExtraction:
     """Mesh of the surface `density_fn == threshold` (inside > threshold) on an R^3 grid.
 
-    chunk_size: points per density_fn call (0 = all in one). method: "dense",
-    "coarse_to_fine", "blocks" (dense in blocks of `block_resolution` cells, default 128) or
-    "auto" (dense while the volume fits AUTO_DENSE_MAX_BYTES, blocks above; never
-    coarse_to_fine, which can miss features thinner than `coarse_step` voxels). device: where
-    points are made and density_fn runs (default CPU).
+    method: how points are queried and the volume tiled.
+      "dense": all R^3 points, one volume (TripoSR's way, bit-exact to it).
+      "blocks": all points, in blocks of `block_resolution` cells (default 128): same mesh as
+        "dense" up to vertex order, memory of one block.
+      "coarse_to_fine": a coarse grid every `coarse_step` points, then all points only near
+        its threshold crossings (`margin` coarse cells around them). Can miss features that
+        no coarse cell straddles (thinner than about `coarse_step` voxels).
+      "auto": all points; one volume up to AUTO_DENSE_MAX_BYTES, blocks above.
+    block_resolution: block size in cells; given, it tiles any method; None tiles "blocks",
+    and "coarse_to_fine"/"auto" when one volume would exceed AUTO_DENSE_MAX_BYTES.
+    chunk_size: points per density_fn call (0 = all at once). device: where points are made
+    and density_fn runs (default CPU). progress: a tqdm bar over chunks (one volume) or blocks.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
     if resolution < 2:
         raise ValueError(f"resolution must be at least 2, got {resolution}")
+    if coarse_step < 1 or margin < 0 or (block_resolution is not None and block_resolution < 1):
+        raise ValueError(
+            f"need coarse_step >= 1, margin >= 0 and block_resolution >= 1 (or None), got "
+            f"{coarse_step}, {margin} and {block_resolution}"
+        )
     backend = resolve_backend(backend)
-    if method == "auto":
-        method = "dense" if 4 * resolution**3 <= AUTO_DENSE_MAX_BYTES else "blocks"
-    if method == "blocks" and block_resolution is None:
+    too_big = 4 * resolution**3 > AUTO_DENSE_MAX_BYTES
+    if block_resolution is None and (method == "blocks" or (method != "dense" and too_big)):
         block_resolution = 128
+    if method == "auto":
+        method = "dense"
+    if method == "dense" and block_resolution is not None:
+        method = "blocks"
     block_cells = min(block_resolution or resolution - 1, resolution - 1)
     ranges = _block_ranges(resolution, block_cells)
     device = torch.device(device or "cpu")
 
+    blocks = [(rx, ry, rz) for rx in ranges for ry in ranges for rz in ranges]
+    # One volume: a bar over its query chunks. Blocks: a bar over blocks.
+    one_volume = len(blocks) == 1
+    bar = tqdm(desc="mesh", unit="chunk" if one_volume else "block", disable=not progress)
+    bar.total = None if one_volume else len(blocks)
+    chunk_bar = bar if one_volume else None
+
     query_seconds = marching_seconds = 0.0
     n_queries, low, high = 0, np.inf, -np.inf
     block_verts, block_faces, n_verts = [], [], 0
-    seam_tolerance = 0.0  # a few ulps of the backend's coordinates
-    blocks = [(rx, ry, rz) for rx in ranges for ry in ranges for rz in ranges]
-    bar = tqdm(desc="mesh", unit="chunk" if len(blocks) == 1 else "block", disable=not progress)
-    if len(blocks) > 1:
-        bar.total = len(blocks)
-    chunk_bar = bar if len(blocks) == 1 else None
+    seam_tolerance = 0.0  # a few ulps of the backend's coordinates, to weld seam copies
     with torch.inference_mode():
         axis = grid_axis(resolution, radius, device)  # (R,)
-        refine = None
+        sample = _sample_dense
         if method == "coarse_to_fine":
             refine = _CoarseToFine(
                 density_fn, axis, threshold, coarse_step, margin, chunk_size, chunk_bar
             )
             n_queries += refine.n_queries
-            low = min(low, refine.coarse.min().item() + threshold)
-            high = max(high, refine.coarse.max().item() + threshold)
+            sample = refine.sample
         for block in blocks:
-            lo, hi = zip(*block, strict=True)
             tick = time.perf_counter()
-            if refine is not None:
-                level, n = refine.sample(density_fn, axis, threshold, lo, hi, chunk_size)
-            else:
-                axes = tuple(axis[a : b + 1] for a, b in block)
-                level = torch.empty(len(axes[0]) * len(axes[1]) * len(axes[2]), device=device)
-                n = _query_grid(density_fn, axes, threshold, level, chunk_size, bar=chunk_bar)
-                level = level.view(len(axes[0]), len(axes[1]), len(axes[2]))
+            lo, hi = zip(*block, strict=True)
+            level, n = sample(density_fn, axis, threshold, lo, hi, chunk_size, chunk_bar)
             n_queries += n
-            low = min(low, level.min().item() + threshold)
-            high = max(high, level.max().item() + threshold)
+            block_low, block_high = (v.item() for v in torch.aminmax(level))
+            low, high = min(low, block_low + threshold), max(high, block_high + threshold)
             tock = time.perf_counter()
             query_seconds += tock - tick
-            if crosses_zero(level):
-                verts, faces = marching_cubes_level(level, backend)
-                if len(faces):
-                    ulp = np.finfo(verts.dtype).eps * block_cells
-                    seam_tolerance = max(seam_tolerance, 4 * ulp)
-                    block_verts.append(verts.astype(np.float64) + np.array(lo, np.float64))
-                    block_faces.append(faces + n_verts)
-                    n_verts += len(verts)
+            verts, faces = marching_cubes_level(level, backend)
+            if len(faces):
+                ulp = np.finfo(verts.dtype).eps * resolution  # of the largest coordinate
+                seam_tolerance = max(seam_tolerance, 4 * ulp)
+                block_verts.append(verts.astype(np.float64) + np.array(lo, np.float64))
+                block_faces.append(faces + n_verts)
+                n_verts += len(verts)
             marching_seconds += time.perf_counter() - tock
-            if len(blocks) > 1:
+            if not one_volume:
                 bar.update(1)
     bar.close()
 
     tick = time.perf_counter()
     verts = np.concatenate(block_verts) if block_verts else np.zeros((0, 3))
     faces = np.concatenate(block_faces) if block_faces else np.zeros((0, 3), np.int64)
-    if len(blocks) > 1:
+    if not one_volume:
         seams = np.array([b for _, b in ranges[:-1]], np.float64)
-        verts, faces = _weld_seams(verts, faces, seams, seam_tolerance)
+        verts, faces = weld_block_seams(verts, faces, seams, seam_tolerance)
     # matches TripoSR: float32 grid units / (R - 1), then t * (2r) + (-r) in float32 (torch).
     world = torch.from_numpy(verts.astype(np.float32)) / (resolution - 1.0)
     world = world * (2 * radius) + -radius
