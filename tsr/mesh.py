@@ -1,19 +1,12 @@
 """Mesh extraction for any density function: grid queries -> marching cubes -> trimesh.
 
 The grid is TripoSR's: `linspace(0, 1, R)` per axis, x slowest, scaled to [-radius, radius];
-the surface is `density == threshold`, inside is `density > threshold`. Three ways to fill
-the grid, all giving the same marching-cubes input near the surface:
-
-- dense: every one of the R^3 points is queried (TripoSR's way; bit-exact to it).
-- coarse_to_fine: a grid every `coarse_step` points first; the full resolution only in coarse
-  cells whose corners straddle the threshold, dilated by `margin` cells; elsewhere the fine
-  volume holds the nearest coarse value, which has the right inside/outside sign.
-- blocks: the grid in blocks of `block_resolution` cells, each with its own boundary layer,
-  meshed one at a time and welded along the shared faces (same mesh as one volume, bounded
-  memory). Blocks combine with either way of querying (`block_resolution=` on the others).
-
-Coordinates are never built for the whole grid: each chunk makes its points from flat
-indices, and results go straight into a preallocated level volume (`density - threshold`).
+the surface is `density == threshold`, inside is `density > threshold` (a field that is
+lower inside gives an inside-out mesh: negate it first). The grid is queried densely (as
+TripoSR), or coarse-to-fine, in one volume or in blocks welded at their seams; see
+`extract_isosurface`. Coordinates are never built for the whole grid: each chunk makes its
+points from flat indices, and results go straight into a preallocated level volume
+(`density - threshold`).
 """
 
 from __future__ import annotations
@@ -35,10 +28,13 @@ DensityFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N,
 ColorFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N, 3) in [0, 1]
 
 METHODS = ("auto", "dense", "coarse_to_fine", "blocks")
-# Measured on a 2-core CPU with a TripoSR-sized decoder: 8192 (TripoSR's) to 262144 points
-# per call cost the same within noise; 65536 keeps a chunk's activations (N x 64 floats per
-# layer) at a few tens of MB.
-DEFAULT_CHUNK_SIZE = 65536
+# Points per density_fn call when chunk_size is None. On a 2-core CPU a TripoSR-sized
+# decoder is fastest at 8192-16384 points (larger chunks fall out of cache: 32768 costs 1.35x,
+# 262144 3x); a GPU wants larger chunks to fill it (131072 = a few tens of MB of activations;
+# not measured here).
+CHUNK_SIZE_CPU = 8192
+CHUNK_SIZE_CUDA = 131072
+DEFAULT_CHUNK_SIZE = None  # per device, as above
 # "auto" keeps one volume up to this size (R = 406), then switches to blocks.
 AUTO_DENSE_MAX_BYTES = 256 * 2**20
 
@@ -70,49 +66,57 @@ def grid_axis(resolution: int, radius: float, device: torch.device | str = "cpu"
     return unit * (2 * radius) + -radius
 
 
-def _query_grid(
-    density_fn: DensityFn,
-    axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    threshold: float,
-    out: torch.Tensor,
-    chunk_size: int,
-    point_ids: torch.Tensor | None = None,
-    bar: tqdm | None = None,
-) -> int:
-    """Write `density - threshold` at the grid points `axes[0] x axes[1] x axes[2]` into out.
+def default_chunk_size(device: torch.device | str | None) -> int:
+    return CHUNK_SIZE_CUDA if torch.device(device or "cpu").type == "cuda" else CHUNK_SIZE_CPU
 
-    out: (X*Y*Z,) flat level volume, x slowest. point_ids: flat indices to query (all
-    points when None). Returns the number of points queried.
-    """
-    ny, nz = len(axes[1]), len(axes[2])
-    n_points = out.numel() if point_ids is None else point_ids.numel()
-    step = chunk_size if chunk_size > 0 else max(n_points, 1)
-    if bar is not None:
-        bar.total = (bar.total or 0) + -(-n_points // step)
-        bar.refresh()
-    for start in range(0, n_points, step):
-        stop = min(start + step, n_points)
-        if point_ids is None:
-            ids = torch.arange(start, stop, device=out.device)
-        else:
-            ids = point_ids[start:stop]
-        points = torch.stack(
-            [axes[0][ids // (ny * nz)], axes[1][(ids // nz) % ny], axes[2][ids % nz]], dim=-1
-        )  # (N, 3)
-        density = density_fn(points)
-        if density.numel() != len(ids):
-            raise ValueError(
-                f"density_fn returned shape {tuple(density.shape)} for {len(ids)} points: "
-                "it must return one density per point, shaped (N,) or (N, 1)"
-            )
-        level = density.reshape(-1).float() - threshold  # in float32, as TripoSR
-        if point_ids is None:
-            out[start:stop] = level
-        else:
-            out[ids] = level
-        if bar is not None:
-            bar.update(1)
-    return n_points
+
+@dataclass
+class _GridQuery:
+    """density_fn on grid points, written as `density - threshold` into level volumes."""
+
+    density_fn: DensityFn
+    threshold: float
+    chunk_size: int
+    bar: tqdm | None  # advanced once per chunk, when given
+    seen: torch.Tensor  # (2,) min and max density queried so far, kept on the device
+    n_queries: int = 0
+
+    def __call__(self, axes, out: torch.Tensor, point_ids: torch.Tensor | None = None) -> None:
+        """Fill out (X*Y*Z,), the flat level volume of the grid `axes[0] x axes[1] x axes[2]`
+        (x slowest), at point_ids (flat indices; all points when None).
+        """
+        ny, nz = len(axes[1]), len(axes[2])
+        n_points = out.numel() if point_ids is None else point_ids.numel()
+        step = self.chunk_size if self.chunk_size > 0 else max(n_points, 1)
+        if self.bar is not None:
+            self.bar.total = (self.bar.total or 0) + -(-n_points // step)
+            self.bar.refresh()
+        for start in range(0, n_points, step):
+            stop = min(start + step, n_points)
+            if point_ids is None:
+                ids = torch.arange(start, stop, device=out.device)
+            else:
+                ids = point_ids[start:stop]
+            points = torch.stack(
+                [axes[0][ids // (ny * nz)], axes[1][(ids // nz) % ny], axes[2][ids % nz]], dim=-1
+            )  # (N, 3)
+            density = self.density_fn(points)
+            if density.numel() != len(ids):
+                raise ValueError(
+                    f"density_fn returned shape {tuple(density.shape)} for {len(ids)} points: "
+                    "it must return one density per point, shaped (N,) or (N, 1)"
+                )
+            density = density.reshape(-1).float()
+            level = density - self.threshold  # in float32, as TripoSR
+            if point_ids is None:
+                out[start:stop] = level
+            else:
+                out[ids] = level
+            low, high = torch.aminmax(density)
+            self.seen[0], self.seen[1] = self.seen[0].minimum(low), self.seen[1].maximum(high)
+            if self.bar is not None:
+                self.bar.update(1)
+        self.n_queries += n_points
 
 
 class _CoarseToFine:
@@ -122,7 +126,7 @@ class _CoarseToFine:
     coarse grid, so two blocks agree on the points they share and their meshes weld.
     """
 
-    def __init__(self, density_fn, axis, threshold, coarse_step, margin, chunk_size, bar):
+    def __init__(self, query: _GridQuery, axis: torch.Tensor, coarse_step: int, margin: int):
         resolution, device = len(axis), axis.device
         self.step = coarse_step
         # Fine indices of the coarse planes: every step-th one, plus the last.
@@ -132,14 +136,12 @@ class _CoarseToFine:
         self.n_coarse = len(coarse_ids)
         coarse_axis = axis[coarse_ids]
         self.coarse = torch.empty(self.n_coarse**3, device=device)
-        self.n_queries = _query_grid(
-            density_fn, (coarse_axis,) * 3, threshold, self.coarse, chunk_size, bar=bar
-        )
+        query((coarse_axis,) * 3, self.coarse)
         self.coarse = self.coarse.view((self.n_coarse,) * 3)
         # A cell straddles when its 8 corners are not all on one side.
         inside = (self.coarse > 0).to(torch.float32)[None, None]  # (1, 1, K, K, K)
-        n_inside = F.avg_pool3d(inside, kernel_size=2, stride=1)  # fraction of corners inside
-        selected = (n_inside > 0) & (n_inside < 1)
+        inside_fraction = F.avg_pool3d(inside, kernel_size=2, stride=1)  # (1, 1, K-1, K-1, K-1)
+        selected = (inside_fraction > 0) & (inside_fraction < 1)
         # Dilate so that surface bulging into a cell with same-sign corners is sampled too.
         selected = F.max_pool3d(selected.float(), 2 * margin + 1, stride=1, padding=margin)
         self.selected = selected[0, 0] > 0  # (K-1, K-1, K-1) cells
@@ -151,7 +153,7 @@ class _CoarseToFine:
         above = (fine_ids // self.step).clamp(0, last)
         return below, above
 
-    def sample(self, density_fn, axis, threshold, lo, hi, chunk_size, bar):
+    def sample(self, query: _GridQuery, axis: torch.Tensor, lo, hi) -> torch.Tensor:
         """(X, Y, Z) level volume of the block of grid points lo..hi (inclusive)."""
         fine = [torch.arange(a, b + 1, device=axis.device) for a, b in zip(lo, hi, strict=True)]
         cells = [self._cells_of(ids) for ids in fine]  # per axis: (cell below, cell above)
@@ -162,26 +164,23 @@ class _CoarseToFine:
         level = self.coarse[near[0][:, None, None], near[1][None, :, None], near[2][None, None, :]]
         block_cells = tuple(slice(below[0], above[-1] + 1) for below, above in cells)
         if not self.selected[block_cells].any():  # far from the surface: nothing to refine
-            return level, 0
+            return level
         # Query a point when any cell containing it is selected; the "any" is separable, so
         # it is taken one axis at a time: (K,K,K) -> (X,K,K) -> (X,Y,K) -> (X,Y,Z).
-        query = self.selected
+        wanted = self.selected
         for dim, (below, above) in enumerate(cells):
-            query = query.index_select(dim, below) | query.index_select(dim, above)
-        level = level.reshape(-1)
-        point_ids = torch.nonzero(query.reshape(-1)).squeeze(1)
-        axes = tuple(axis[ids] for ids in fine)
-        n = _query_grid(density_fn, axes, threshold, level, chunk_size, point_ids, bar)
-        return level.view(query.shape), n
+            wanted = wanted.index_select(dim, below) | wanted.index_select(dim, above)
+        point_ids = torch.nonzero(wanted.reshape(-1)).squeeze(1)
+        query(tuple(axis[ids] for ids in fine), level.view(-1), point_ids)
+        return level
 
 
-def _sample_dense(density_fn, axis, threshold, lo, hi, chunk_size, bar):
+def _sample_dense(query: _GridQuery, axis: torch.Tensor, lo, hi) -> torch.Tensor:
     """(X, Y, Z) level volume of the block of grid points lo..hi (inclusive), all queried."""
     axes = tuple(axis[a : b + 1] for a, b in zip(lo, hi, strict=True))
-    shape = tuple(len(ax) for ax in axes)
-    level = torch.empty(shape[0] * shape[1] * shape[2], device=axis.device)
-    n = _query_grid(density_fn, axes, threshold, level, chunk_size, bar=bar)
-    return level.view(shape), n
+    level = torch.empty(tuple(len(ax) for ax in axes), device=axis.device)
+    query(axes, level.view(-1))
+    return level
 
 
 def _block_ranges(resolution: int, block_cells: int) -> list[tuple[int, int]]:
@@ -209,7 +208,7 @@ def extract_isosurface(
     resolution: int = 256,
     threshold: float = 25.0,
     radius: float = 0.87,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
     method: str = "auto",
     block_resolution: int | None = None,
@@ -225,13 +224,15 @@ def extract_isosurface(
       "blocks": all points, in blocks of `block_resolution` cells (default 128): same mesh as
         "dense" up to vertex order, memory of one block.
       "coarse_to_fine": a coarse grid every `coarse_step` points, then all points only near
-        its threshold crossings (`margin` coarse cells around them). Can miss features that
-        no coarse cell straddles (thinner than about `coarse_step` voxels).
+        its threshold crossings (`margin` coarse cells around them). Misses what no coarse
+        cell straddles: islands farther than `margin` cells from the rest of the surface
+        and parts thinner than about `coarse_step` voxels.
       "auto": all points; one volume up to AUTO_DENSE_MAX_BYTES, blocks above.
     block_resolution: block size in cells; given, it tiles any method; None tiles "blocks",
     and "coarse_to_fine"/"auto" when one volume would exceed AUTO_DENSE_MAX_BYTES.
-    chunk_size: points per density_fn call (0 = all at once). device: where points are made
-    and density_fn runs (default CPU). progress: a tqdm bar over chunks (one volume) or blocks.
+    chunk_size: points per density_fn call (0 = all at once; None = CHUNK_SIZE_CPU or
+    CHUNK_SIZE_CUDA). device: where points are made and density_fn runs (default CPU).
+    progress: a tqdm bar over query chunks (one volume) or blocks.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
@@ -253,6 +254,7 @@ def extract_isosurface(
     block_cells = min(block_resolution or resolution - 1, resolution - 1)
     ranges = _block_ranges(resolution, block_cells)
     device = torch.device(device or "cpu")
+    chunk_size = default_chunk_size(device) if chunk_size is None else chunk_size
 
     blocks = [(rx, ry, rz) for rx in ranges for ry in ranges for rz in ranges]
     # One volume: a bar over its query chunks. Blocks: a bar over blocks.
@@ -262,31 +264,37 @@ def extract_isosurface(
     chunk_bar = bar if one_volume else None
 
     query_seconds = marching_seconds = 0.0
-    n_queries, low, high = 0, np.inf, -np.inf
     block_verts, block_faces, n_verts = [], [], 0
-    seam_tolerance = 0.0  # a few ulps of the backend's coordinates, to weld seam copies
+    seam_tolerance = 0.0  # grid units within which two seam vertices are one
     with torch.inference_mode():
         axis = grid_axis(resolution, radius, device)  # (R,)
+        seen = torch.tensor([torch.inf, -torch.inf], device=device)
+        query = _GridQuery(density_fn, threshold, chunk_size, chunk_bar, seen)
+        tick = time.perf_counter()
         sample = _sample_dense
         if method == "coarse_to_fine":
-            refine = _CoarseToFine(
-                density_fn, axis, threshold, coarse_step, margin, chunk_size, chunk_bar
-            )
-            n_queries += refine.n_queries
-            sample = refine.sample
+            sample = _CoarseToFine(query, axis, coarse_step, margin).sample
+        query_seconds += time.perf_counter() - tick
         for block in blocks:
             tick = time.perf_counter()
             lo, hi = zip(*block, strict=True)
-            level, n = sample(density_fn, axis, threshold, lo, hi, chunk_size, chunk_bar)
-            n_queries += n
-            block_low, block_high = (v.item() for v in torch.aminmax(level))
-            low, high = min(low, block_low + threshold), max(high, block_high + threshold)
+            level = sample(query, axis, lo, hi)  # (X, Y, Z)
             tock = time.perf_counter()
             query_seconds += tock - tick
+            if not one_volume:
+                # A value exactly at the threshold puts several edges' vertices on one grid
+                # point, and a seam cannot tell them apart by position. Moving it just
+                # outside (where PyMCubes already counts it) keeps the topology and makes
+                # them distinct. One volume is left bit-exact to TripoSR.
+                level[level == 0] = -max(abs(threshold), 1.0) * 2**-20
             verts, faces = marching_cubes_level(level, backend)
             if len(faces):
-                ulp = np.finfo(verts.dtype).eps * resolution  # of the largest coordinate
-                seam_tolerance = max(seam_tolerance, 4 * ulp)
+                # Copies of a seam vertex differ by rounding: in the backend's local
+                # coordinates, then in adding the block offset (float64).
+                ulps = (
+                    np.finfo(verts.dtype).eps * block_cells + np.finfo(np.float64).eps * resolution
+                )
+                seam_tolerance = max(seam_tolerance, 4 * ulps)
                 block_verts.append(verts.astype(np.float64) + np.array(lo, np.float64))
                 block_faces.append(faces + n_verts)
                 n_verts += len(verts)
@@ -305,17 +313,18 @@ def extract_isosurface(
     world = torch.from_numpy(verts.astype(np.float32)) / (resolution - 1.0)
     world = world * (2 * radius) + -radius
     marching_seconds += time.perf_counter() - tick
+    low, high = seen.tolist()
     if len(faces) == 0:
         warnings.warn(_empty_surface_message(threshold, low, high), stacklevel=2)
     return MeshExtraction(
         verts=world.numpy(),
         faces=faces,
-        n_queries=n_queries,
+        n_queries=query.n_queries,
         resolution=resolution,
         method=method,
         backend=backend,
         n_blocks=len(blocks),
-        density_range=(float(low), float(high)),
+        density_range=(low, high),
         query_seconds=query_seconds,
         marching_seconds=marching_seconds,
     )
@@ -325,7 +334,7 @@ def build_trimesh(
     verts: np.ndarray,
     faces: np.ndarray,
     color_fn: ColorFn | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     device: torch.device | str | None = None,
 ) -> trimesh.Trimesh:
     """trimesh.Trimesh (process=True, as TripoSR) with vertex colours = color_fn(verts).
@@ -335,6 +344,7 @@ def build_trimesh(
     colors = None
     if color_fn is not None and len(verts) > 0:
         points = torch.as_tensor(verts, dtype=torch.float32, device=device or "cpu")  # (V, 3)
+        chunk_size = default_chunk_size(device) if chunk_size is None else chunk_size
         step = chunk_size if chunk_size > 0 else len(points)
         with torch.inference_mode():
             colors = torch.cat(

@@ -164,7 +164,7 @@ class TSR(nn.Module):
         threshold: float | None = None,
         method: str = "auto",
         backend: str = "auto",
-        chunk_size: int = mesh_extraction.DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = mesh_extraction.DEFAULT_CHUNK_SIZE,
     ) -> list[trimesh.Trimesh]:
         """Marching cubes on density_act = threshold, one mesh per scene.
 
