@@ -1,0 +1,100 @@
+"""fit() under torchrun with two CPU processes (gloo), unchanged: fit joins the process group
+from torchrun's environment, shards the objects by rank, averages the gradients, and only
+rank 0 writes. Both ranks must end with the same adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.data import prepare_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tsr.model import TSR
+from utils.data import MultiViewDataset
+from utils.lora import add_lora, lora_state_dict
+from utils.train import TrainConfig, fit
+
+torch.set_num_threads(1)
+root, out = sys.argv[1], Path(sys.argv[2])
+
+
+class RecordingDataset(MultiViewDataset):
+    seen = []
+
+    def __getitem__(self, index):
+        self.seen.append(self.object_ids[index])
+        return super().__getitem__(index)
+
+
+torch.manual_seed(0)  # the same LoRA init on every rank, as from one launch script
+model = add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4)
+initial = {k: v.clone() for k, v in lora_state_dict(model).items()}
+size = model.config.cond_image_size
+train = RecordingDataset(root, "train", n_supervision_views=3, cond_size=size)
+val = MultiViewDataset(root, "val", n_supervision_views=3, cond_size=size)
+config = TrainConfig(
+    max_steps=2, lr=1e-2, rays_per_object=128, val_every=1, val_objects=1,
+    val_rays_per_view=64, checkpoint_every=1, progress=False,
+)
+fit(model, train, config, val_dataset=val, output_dir=out / "run")
+result = {"adapter": lora_state_dict(model), "initial": initial, "seen": RecordingDataset.seen}
+torch.save(result, out / f"rank{dist.get_rank()}_of_{dist.get_world_size()}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_two_cpu_processes_end_with_the_same_adapter(tmp_path):
+    root = tmp_path / "data"
+    prepare_dataset(root, families=("primitives",), n_objects=6, n_views=4, size=32, workers=1)
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(tmp_path / "worker.py"), str(root), str(tmp_path),
+    ]  # fmt: skip
+    # a session of its own, so a hang can be ended with the workers, not just the launcher
+    launcher = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = launcher.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        output, _ = launcher.communicate()
+        pytest.fail(f"torchrun hung:\n{output[-3000:]}")
+    assert launcher.returncode == 0, output[-3000:]
+
+    ranks = [torch.load(tmp_path / f"rank{r}_of_2.pt", weights_only=True) for r in (0, 1)]
+    for key, value in ranks[0]["adapter"].items():
+        assert torch.equal(value, ranks[1]["adapter"][key]), f"ranks disagree on {key}"
+    trained = [
+        k for k, v in ranks[0]["adapter"].items() if not torch.equal(v, ranks[0]["initial"][k])
+    ]
+    assert len(trained) == len(ranks[0]["adapter"])  # every adapter matrix moved
+    # each rank trained on its own shard: together one pass over the 4 train objects
+    seen = [set(rank["seen"]) for rank in ranks]
+    assert len(seen[0]) == len(seen[1]) == 2 and not seen[0] & seen[1]
+    # rank 0 alone wrote: one record per step and validation, one adapter, one checkpoint
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [0, 1, 1, 2, 2]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (
+        len(torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["rng"]) == 2
+    )

@@ -1,0 +1,309 @@
+"""The training loop on the tiny model and a tiny rendered dataset (6 objects, 32 px)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from tsr.config import named_config
+from tsr.model import TSR
+from utils import checkpoint, losses, train
+from utils.data import MultiViewDataset, prepare_dataset, sample_rays
+from utils.lora import add_lora, lora_state_dict
+from utils.train import TrainConfig, fit
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    prepare_dataset(root, families=("primitives",), n_objects=6, n_views=4, size=32, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def datasets(dataset_root):
+    cond_size = TSR.from_pretrained("tiny").config.cond_image_size
+    return {
+        split: MultiViewDataset(dataset_root, split, n_supervision_views=3, cond_size=cond_size)
+        for split in ("train", "val")
+    }
+
+
+def lora_model(seed: int = 0, dropout: float = 0.05) -> TSR:
+    torch.manual_seed(seed)  # LoRA A is drawn from torch's global generator
+    return add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4, dropout=dropout)
+
+
+def quick_config(**overrides) -> TrainConfig:
+    values = dict(
+        max_steps=3, rays_per_object=128, val_every=0, val_objects=1, val_rays_per_view=64,
+        checkpoint_every=100, progress=False,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_only_adapter_weights_change_and_get_gradients(datasets, tmp_path):
+    model = lora_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, datasets["train"], quick_config(max_steps=2, lr=1e-2), output_dir=tmp_path)
+    after = model.state_dict()
+    for key, value in after.items():
+        if "lora_" in key:
+            assert not torch.equal(value, before[key]), f"{key} did not train"
+        else:
+            assert torch.equal(value, before[key]), f"base weight {key} changed"
+    # after a step B != 0, so every adapter matrix (A and B) now gets a non-zero gradient
+    model.train()
+    item = datasets["train"][0]
+    target = sample_rays(item, 256, torch.Generator().manual_seed(0))
+    code = model.encode(item["cond_image"][None])[0]
+    rendered = model.render_rays(code, target["rays_o"], target["rays_d"])
+    losses.render_loss(rendered, target, TrainConfig().loss_weights())["loss"].backward()
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None and not parameter.requires_grad, name
+
+
+class InterruptAt:
+    """A callback that stops a run like Ctrl-C would, when step `at` has been logged."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_ends_with_the_same_adapter(datasets, tmp_path):
+    config = quick_config(max_steps=6, checkpoint_every=3, lr=1e-2)
+    straight = lora_model()
+    fit(straight, datasets["train"], config, output_dir=tmp_path / "straight")
+
+    interrupted = lora_model()
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            interrupted,
+            datasets["train"],
+            config,
+            callbacks=[InterruptAt(4)],
+            output_dir=tmp_path / "run",
+        )
+    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 3
+    resumed = lora_model(seed=123)  # a different init: everything must come from the checkpoint
+    result = fit(
+        resumed, datasets["train"], dataclasses.replace(config, resume_from=str(tmp_path / "run")),
+        output_dir=tmp_path / "run",
+    )  # fmt: skip
+    assert result.steps == 6
+    expected, actual = lora_state_dict(straight), lora_state_dict(resumed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lost step 4 is dropped, then logged once
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(datasets, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        terms = losses.render_loss(*args, **kwargs)
+        return {**terms, "loss": terms["loss"] * math.nan} if calls["n"] == 5 else terms
+
+    monkeypatch.setattr(train, "render_loss", poisoned)
+    model = lora_model()
+    with pytest.raises(FloatingPointError, match=r"at step 5.*last good checkpoint.*step 4"):
+        fit(
+            model,
+            datasets["train"],
+            quick_config(max_steps=8, checkpoint_every=2),
+            output_dir=tmp_path,
+        )
+    saved = checkpoint.load_checkpoint(tmp_path)
+    assert saved["step"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["trainable"].values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never applied
+
+
+def test_run_folder_metrics_and_callbacks(datasets, tmp_path):
+    class Recorder:
+        def __init__(self):
+            self.events = []
+
+        def on_step(self, step, metrics):
+            self.events.append(("step", step))
+
+        def on_validation(self, step, metrics):
+            assert {"val_loss", "val_psnr", "val_mask_iou"} <= metrics.keys()
+            self.events.append(("val", step))
+
+        def on_end(self):
+            self.events.append(("end", None))
+
+    recorder = Recorder()
+    config = quick_config(max_steps=4, val_every=2)
+    result = fit(
+        lora_model(), datasets["train"], config, val_dataset=datasets["val"],
+        callbacks=[recorder, object()], output_dir=tmp_path,
+    )  # fmt: skip
+    assert recorder.events == [
+        ("val", 0), ("step", 1), ("step", 2), ("val", 2), ("step", 3), ("step", 4), ("val", 4),
+        ("end", None),
+    ]  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert records == result.history
+    assert all(
+        math.isfinite(r["loss"]) and 0 < r["lr"] <= config.lr for r in records if "loss" in r
+    )
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    resolved = json.loads((tmp_path / "config.json").read_text())
+    assert resolved["max_steps"] == 4 and resolved["grad_checkpointing"] is False  # 2 blocks
+    assert (result.artefact / "adapter_model.safetensors").is_file()
+
+
+def test_epochs_set_the_number_of_steps(datasets, tmp_path):
+    n_train = len(datasets["train"])
+    config = quick_config(max_steps=None, epochs=2, batch_size=2, grad_accum_steps=1)
+    result = fit(lora_model(), datasets["train"], config, output_dir=tmp_path)
+    assert result.steps == 2 * math.ceil(n_train / 2)
+
+
+def test_accumulation_equals_a_bigger_batch(datasets, tmp_path):
+    """2 objects in one micro-batch == 2 micro-batches of 1 (same objects, rays, no dropout)."""
+    batched, accumulated = lora_model(dropout=0.0), lora_model(dropout=0.0)
+    fit(
+        batched,
+        datasets["train"],
+        quick_config(max_steps=2, batch_size=2, lr=1e-2),
+        output_dir=tmp_path / "a",
+    )
+    fit(
+        accumulated, datasets["train"], quick_config(max_steps=2, grad_accum_steps=2, lr=1e-2),
+        output_dir=tmp_path / "b",
+    )  # fmt: skip
+    for key, value in lora_state_dict(batched).items():
+        torch.testing.assert_close(lora_state_dict(accumulated)[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_full_mode_trains_every_weight_and_saves_a_loadable_model(datasets, tmp_path):
+    model = TSR.from_pretrained("tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = quick_config(train_mode="full", max_steps=2, lr=1e-3)
+    result = fit(model, datasets["train"], config, output_dir=tmp_path)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    for prefix in (
+        "image_tokenizer.model.encoder",
+        "tokenizer",
+        "backbone",
+        "post_processor",
+        "decoder",
+    ):
+        assert any(k.startswith(prefix) for k in changed), f"nothing under {prefix} trained"
+    reloaded = TSR.from_pretrained(result.artefact)
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_lora_mode_needs_an_adapter(datasets, tmp_path):
+    with pytest.raises(ValueError, match="add_lora"):
+        fit(TSR.from_pretrained("tiny"), datasets["train"], quick_config(), output_dir=tmp_path)
+
+
+def test_gradient_checkpointing_is_on_for_a_full_depth_backbone(datasets, tmp_path):
+    config = named_config("tiny")
+    config.backbone.num_layers = 16  # the official depth, at the tiny width
+    model = TSR.from_config(config)
+    add_lora(model, r=2, alpha=2)
+    fit(model, datasets["train"], quick_config(max_steps=1), output_dir=tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["grad_checkpointing"] is True
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    config = TrainConfig(warmup_fraction=0.1, min_lr_ratio=0.1)
+    factors = [train._lr_factor(step, 100, config) for step in range(100)]
+    assert factors[:10] == sorted(factors[:10]) and factors[9] == 1.0
+    assert factors[10:] == sorted(factors[10:], reverse=True)
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_render_loss_terms():
+    target = {
+        "rgb": torch.rand(8, 3),
+        "mask": (torch.rand(8) > 0.5).float(),
+        "depth": torch.rand(8) + 1,
+    }
+    perfect = {
+        "rgb": target["rgb"].clone(), "opacity": target["mask"][:, None].clone(),
+        "depth": target["depth"][:, None].clone(),
+    }  # fmt: skip
+    weights = {"rgb": 1.0, "mask": 0.05, "depth": 0.5, "lpips": 2.0}
+    terms = losses.render_loss(perfect, target, weights, lpips_network=None)
+    assert terms["loss_rgb"] == 0 and terms["loss_depth"] == 0 and terms["loss_mask"] < 1e-3
+    assert "loss_lpips" not in terms  # no network: the term is off, not zero-weighted
+    wrong = {**perfect, "opacity": 1 - perfect["opacity"]}
+    assert losses.render_loss(wrong, target, weights)["loss_mask"] > 1
+    background_depth = {**target, "depth": torch.where(target["mask"] > 0.5, target["depth"], 0)}
+    assert losses.render_loss(perfect, background_depth, weights)["loss_depth"] == 0
+
+
+def test_metrics():
+    rgb = torch.rand(100, 3)
+    assert losses.psnr(rgb, rgb) > 90
+    assert losses.psnr(torch.zeros(10, 3), torch.ones(10, 3)) == pytest.approx(0.0)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert losses.mask_iou(mask[:, None], mask) == 1
+    assert losses.mask_iou(torch.tensor([[1.0], [0.0], [1.0], [0.0]]), mask) == pytest.approx(1 / 3)
+
+
+def test_lpips_off_with_one_message(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # importing it now raises ImportError
+    monkeypatch.setattr(losses, "_LPIPS_STATE", {})
+    assert losses.load_lpips("cpu") is None and losses.load_lpips("cpu") is None
+    assert capsys.readouterr().out.count("LPIPS loss off: the `lpips` package") == 1
+    assert losses.load_lpips("cpu", on_patches=False) is None
+    assert losses.load_lpips("cpu", on_patches=False) is None
+    assert capsys.readouterr().out.count("LPIPS loss off: it needs image patches") == 1
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = checkpoint.atomic_save({"step": 1}, tmp_path / "last.pt")
+
+    def crash(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_loss_goes_down_on_train_and_val(datasets, tmp_path):
+    """A short run (the few-hundred-step numbers are in the report): both losses drop."""
+    model = lora_model()
+    config = quick_config(max_steps=30, lr=1e-2, rays_per_object=128, val_objects=4)
+    start = {s: losses.validate(model, datasets[s], config)["val_loss"] for s in datasets}
+    fit(model, datasets["train"], config, output_dir=tmp_path)
+    end = {s: losses.validate(model, datasets[s], config)["val_loss"] for s in datasets}
+    assert end["train"] < 0.9 * start["train"] and end["val"] < 0.9 * start["val"], (start, end)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_keeps_fp32_master_weights(datasets, tmp_path):
+    model = lora_model().cuda()
+    fit(model, datasets["train"], quick_config(max_steps=2), output_dir=tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["bf16_autocast"] is True
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,165 @@
+"""What training measures: losses on rendered rays (RGB MSE, mask BCE, LPIPS on patches,
+depth L1) and the validation metrics (novel-view PSNR, mask IoU) of `validate`.
+
+Targets follow the renderer: colours are composited on white (as `render_rays` composites),
+masks are the object's coverage, depth is the distance along the unit ray (0 = miss).
+Every term is computed in float32, outside autocast: BCE is not autocast-safe and bf16
+rounding would swamp the small differences the late steps of training care about.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from tsr.cameras import pixel_to_ray
+
+_LPIPS_STATE: dict[str, object] = {}  # "model": the network or None; "told_rays": said why off
+
+
+def load_lpips(
+    device: torch.device | str, on_patches: bool = True, verbose: bool = True
+) -> torch.nn.Module | None:
+    """The LPIPS(VGG) network, or None with ONE message per process (and reason) when it
+    cannot serve: single rays are no image, the package is missing, or its VGG weights
+    cannot be downloaded (offline)."""
+    if not on_patches:
+        if verbose and not _LPIPS_STATE.get("told_rays"):
+            print("LPIPS loss off: it needs image patches (sampling='patches'), not single rays.")
+        _LPIPS_STATE["told_rays"] = True
+        return None
+    if "model" not in _LPIPS_STATE:
+        try:
+            import lpips
+
+            network = lpips.LPIPS(net="vgg", verbose=False).eval()
+            network.requires_grad_(False)
+            _LPIPS_STATE["model"] = network
+        except ImportError:
+            _LPIPS_STATE["model"] = None
+            reason = "the `lpips` package is not installed (pip install lpips)"
+        except (OSError, RuntimeError) as error:  # download refused offline, or corrupt cache
+            _LPIPS_STATE["model"] = None
+            reason = f"its VGG weights could not be loaded ({error})"
+        if _LPIPS_STATE["model"] is None and verbose:
+            print(f"LPIPS loss off: {reason}; training uses the RGB and mask losses.")
+    network = _LPIPS_STATE["model"]
+    return None if network is None else network.to(device)
+
+
+def psnr(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB for colours in [0, 1]. (..., 3), (..., 3) -> ()"""
+    mse = F.mse_loss(predicted.float().clamp(0, 1), target.float())
+    return -10.0 * torch.log10(mse.clamp(min=1e-10))
+
+
+def mask_iou(opacity: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Intersection over union of rendered opacity and target mask, both thresholded. -> ()"""
+    predicted, target = opacity.squeeze(-1) > threshold, mask > threshold
+    union = (predicted | target).sum()
+    # an empty prediction of an empty target is a perfect match
+    return (predicted & target).sum() / union if union > 0 else opacity.new_tensor(1.0)
+
+
+def render_loss(
+    rendered: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    lpips_network: torch.nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """Weighted sum of the loss terms for one object's rays.
+
+    rendered: rgb (..., 3), opacity (..., 1), depth (..., 1) from `TSR.render_rays`;
+    target: rgb (..., 3) on white, mask (...), depth (...) with the same leading shape;
+    patches are (P, S, S, ...) and only they get LPIPS. weights: rgb, mask, lpips, depth.
+    -> {"loss": weighted total, "loss_rgb": ..., "loss_mask": ..., ...} (float32 scalars)
+    """
+    device_type = rendered["rgb"].device.type
+    with torch.autocast(device_type, enabled=False):
+        rgb = rendered["rgb"].float()
+        opacity = rendered["opacity"].float().squeeze(-1)  # (...)
+        terms = {"rgb": F.mse_loss(rgb, target["rgb"].float())}
+        if weights.get("mask", 0.0) > 0:
+            # clamped: an opacity of exactly 0 or 1 would give log(0)
+            terms["mask"] = F.binary_cross_entropy(
+                opacity.clamp(1e-5, 1 - 1e-5), target["mask"].float()
+            )
+        if weights.get("depth", 0.0) > 0:
+            # only where the target ray hits the object: background depth is a 0 placeholder
+            hit = target["mask"] > 0.5
+            depth_error = (rendered["depth"].float().squeeze(-1) - target["depth"].float()).abs()
+            terms["depth"] = depth_error[hit].mean() if hit.any() else depth_error.sum() * 0
+        if weights.get("lpips", 0.0) > 0 and lpips_network is not None and rgb.dim() == 4:
+            # LPIPS wants (P, 3, S, S) images in [-1, 1]
+            to_lpips = "p h w c -> p c h w"
+            terms["lpips"] = lpips_network(
+                rearrange(rgb, to_lpips) * 2 - 1, rearrange(target["rgb"].float(), to_lpips) * 2 - 1
+            ).mean()
+        total = sum(weights.get(name, 0.0) * value for name, value in terms.items())
+    return {"loss": total, **{f"loss_{name}": value.detach() for name, value in terms.items()}}
+
+
+def occupancy_loss(
+    model, scene_code: torch.Tensor, item: dict, n_points: int, level: float, generator
+) -> torch.Tensor:
+    """BCE of "density_act > level" against inside/outside labels of 3D points.
+
+    The logit is log(density_act / level), so the loss puts the surface exactly at
+    density_act = level: the marching-cubes threshold becomes a property of the training.
+    item: occupancy_points (N, 3), occupancy (N,) from a dataset built with occupancy points.
+    """
+    points, inside = item["occupancy_points"], item["occupancy"]
+    chosen = torch.randint(len(points), (min(n_points, len(points)),), generator=generator)
+    device = scene_code.device
+    decoded = model.renderer.query_triplane(model.decoder, points[chosen].to(device), scene_code)
+    with torch.autocast(device.type, enabled=False):
+        logit = decoded["density"][:, 0].float() + model.renderer.config.density_bias
+        logit = logit - math.log(level)
+        return F.binary_cross_entropy_with_logits(logit, inside[chosen].to(device).float())
+
+
+def _novel_views(item: dict) -> list[int]:
+    """Indices into item['rgb'] of the views other than the conditioning view 0."""
+    view_indices = item.get("view_indices")
+    if view_indices is None:
+        return list(range(item["rgb"].shape[0]))
+    return [i for i, view in enumerate(view_indices.tolist()) if view != 0]
+
+
+@torch.no_grad()
+def validate(model, dataset, config) -> dict[str, float]:
+    """Novel-view loss, PSNR and mask IoU of the first `config.val_objects` objects, on a
+    regular grid of about `config.val_rays_per_view` pixels per view (cheap, unbiased).
+    -> {"val_loss", "val_psnr", "val_mask_iou"}, means over objects"""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = {"val_loss": 0.0, "val_psnr": 0.0, "val_mask_iou": 0.0}
+    n_objects = min(len(dataset), config.val_objects)
+    for index in range(n_objects):
+        item = dataset[index]
+        scene_code = model.encode(item["cond_image"][None].to(device))[0]
+        _, height, width, _ = item["rgb"].shape
+        stride = max(1, round(math.sqrt(height * width / config.val_rays_per_view)))
+        grid = torch.arange(stride // 2, height, stride), torch.arange(stride // 2, width, stride)
+        pixels = torch.cartesian_prod(*grid)  # (N, 2) as (row, column)
+        rows, cols = pixels[:, 0], pixels[:, 1]
+        rendered, truth = [], []
+        for view in _novel_views(item):
+            rays_o, rays_d = pixel_to_ray(
+                item["c2w"][view], pixels, height, width, item["fovy_deg"]
+            )
+            rendered.append(model.render_rays(scene_code, rays_o.to(device), rays_d.to(device)))
+            truth.append(
+                {k: item[k][view][rows, cols].to(device) for k in ("rgb", "mask", "depth")}
+            )
+        rendered = {k: torch.cat([r[k] for r in rendered]) for k in rendered[0]}
+        truth = {k: torch.cat([t[k] for t in truth]) for k in truth[0]}
+        totals["val_loss"] += float(render_loss(rendered, truth, config.loss_weights())["loss"])
+        totals["val_psnr"] += float(psnr(rendered["rgb"], truth["rgb"]))
+        totals["val_mask_iou"] += float(mask_iou(rendered["opacity"], truth["mask"]))
+    model.train(was_training)
+    return {key: value / max(n_objects, 1) for key, value in totals.items()}
