@@ -1,0 +1,124 @@
+"""Evaluation records, paired comparison and the report, on tiny prepared datasets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import trimesh
+
+from tsr.cameras import pixel_to_ray
+from tsr.model import TSR
+from utils import evaluation
+from utils.build_dataset import prepare_dataset
+from utils.data import MultiViewDataset
+from utils.evaluation import compare, evaluate_model, render_view, sphere_records, write_report
+
+
+@pytest.fixture(scope="module")
+def shapes_dataset(tmp_path_factory) -> MultiViewDataset:
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    prepare_dataset(root, families=("primitives",), n_objects=2, n_views=3, size=32, workers=1)
+    return MultiViewDataset(root, "all", cond_size=64)
+
+
+@pytest.fixture(scope="module")
+def ball_dataset(tmp_path_factory) -> MultiViewDataset:
+    folder = tmp_path_factory.mktemp("meshes")
+    trimesh.creation.icosphere(subdivisions=4).export(folder / "ball.obj")
+    root = tmp_path_factory.mktemp("data") / "ball"
+    prepare_dataset(root, input_folder=folder, n_views=4, size=32, workers=1)
+    return MultiViewDataset(root, "all", cond_size=64)
+
+
+def low_threshold(model: TSR, dataset: MultiViewDataset) -> float:
+    """The random tiny model never reaches TripoSR's 25: use its 0.9-quantile density."""
+    code = model.encode(dataset[0]["cond_image"][None])[0]
+    axis = torch.linspace(-0.87, 0.87, 24)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    with torch.no_grad():
+        density = model.renderer.query_triplane(model.decoder, points, code)["density_act"]
+    return float(density.quantile(0.9))
+
+
+def test_sphere_baseline_agrees_with_the_dataset_cameras(ball_dataset):
+    (record,) = sphere_records(ball_dataset, n_points=2000)
+    # prepare_data scales the ball so view 0's silhouette spans 0.85 of the frame
+    assert 0.4 < record["radius"] < 0.7 and record["f@0.05"] > 0.99
+    # the analytic sphere render overlaps the dataset's masks: cameras and pixels agree
+    assert record["mask_iou"] > 0.9
+
+
+def test_evaluate_model_records_meshes_and_scores(shapes_dataset, tmp_path):
+    model = TSR.from_pretrained("tiny")
+    threshold = low_threshold(model, shapes_dataset)
+    records = evaluate_model(
+        model, shapes_dataset, mc_resolution=24, threshold=threshold, n_points=1000,
+        mesh_dir=tmp_path / "meshes",
+    )  # fmt: skip
+    assert [r["object_id"] for r in records] == shapes_dataset.object_ids
+    for record in records:
+        assert record["n_novel_views"] == 2 and not record["empty"]
+        assert 0 <= record["f@0.05"] <= record["f@0.1"] <= 1
+        assert record["chamfer_l1"] > 0 and math.isfinite(record["psnr"])
+        assert 0 <= record["mask_iou"] <= 1
+        saved = trimesh.load(record["mesh"], force="mesh")
+        assert len(saved.faces) == record["n_faces"] > 0
+
+
+def test_render_view_puts_each_pixel_ray_in_its_place(shapes_dataset, monkeypatch):
+    monkeypatch.setattr(evaluation, "RAY_CHUNK", 100)  # several chunks, not a multiple of W
+    model = TSR.from_pretrained("tiny")
+    item = shapes_dataset[0]
+    code = model.encode(item["cond_image"][None])[0]
+    image = render_view(model, code, item, 1)
+    assert image["rgb"].shape == (32, 32, 3) and image["opacity"].shape == (32, 32, 1)
+    pixels = torch.tensor([[3, 7], [20, 11], [31, 0]])  # (row, column)
+    rays_o, rays_d = pixel_to_ray(item["c2w"][1], pixels, 32, 32, item["fovy_deg"])
+    with torch.no_grad():
+        expected = model.render_rays(code, rays_o, rays_d)["rgb"]
+    torch.testing.assert_close(image["rgb"][pixels[:, 0], pixels[:, 1]], expected)
+
+
+def test_an_empty_mesh_is_recorded_and_reported(shapes_dataset, tmp_path):
+    model = TSR.from_pretrained("tiny")
+    with pytest.warns(UserWarning, match="empty mesh"):
+        records = evaluate_model(
+            model, shapes_dataset, mc_resolution=16, threshold=1e9, n_points=500
+        )
+    assert all(r["empty"] and math.isnan(r["chamfer_l1"]) and r["f@0.1"] == 0 for r in records)
+    summary = compare({"base": records})
+    assert summary["models"]["base"]["chamfer_l1"]["n"] == 0
+    assert summary["models"]["base"]["empty_meshes"] == len(records)
+    paths = write_report(summary, tmp_path)
+    assert "| base | – |" in paths["markdown"].read_text()
+
+
+def synthetic(values: dict[str, list[float]]) -> list[dict]:
+    n = len(next(iter(values.values())))
+    return [{"object_id": f"o{i}", **{k: v[i] for k, v in values.items()}} for i in range(n)]
+
+
+def test_compare_pairs_by_object_and_judges_against_two_standard_errors(tmp_path):
+    base = synthetic({"chamfer_l1": [0.10, 0.20, 0.30, 0.40], "psnr": [10.0, 12.0, 14.0, 16.0]})
+    # the adapter: Chamfer lower by 0.02 +- small on every object, PSNR changes by noise
+    lora = synthetic({"chamfer_l1": [0.08, 0.17, 0.28, 0.38], "psnr": [10.5, 11.5, 14.5, 15.5]})
+    summary = compare({"base": base, "lora": lora[::-1]})  # order does not matter, ids do
+    paired = summary["paired"]["lora - base"]
+    assert paired["chamfer_l1"]["mean"] == pytest.approx(-0.0225)
+    assert paired["chamfer_l1"]["n"] == 4
+    assert paired["psnr"]["mean"] == pytest.approx(0.0)
+    assert summary["models"]["base"]["psnr"]["mean"] == pytest.approx(13.0)
+    paths = write_report(summary, tmp_path, settings={"split": "test"})
+    text = paths["markdown"].read_text()
+    assert "| Chamfer-L1 | -0.0225 ± 0.0025 | 4 | better |" in text
+    assert "| novel-view PSNR (dB) | +0.0000 ± 0.2887 | 4 | within noise |" in text
+    document = json.loads(paths["json"].read_text())
+    assert document["settings"] == {"split": "test"} and len(document["objects"]["lora"]) == 4
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="different objects"):
+        compare({"base": base, "lora": lora[:3]})
+    with pytest.raises(ValueError, match="no records for the base"):
+        compare({"lora": lora})

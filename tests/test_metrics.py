@@ -1,0 +1,106 @@
+"""Mesh and image metrics on shapes whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from utils.metrics import (
+    chamfer_l1,
+    course_normalise,
+    f_score,
+    mask_iou,
+    mesh_metrics,
+    paired_difference,
+    psnr,
+    sample_surface,
+    sphere_baseline,
+)
+
+
+def sphere(radius: float, centre=(0.0, 0.0, 0.0)) -> trimesh.Trimesh:
+    mesh = trimesh.creation.icosphere(subdivisions=4, radius=radius)
+    return mesh.apply_translation(centre)
+
+
+def test_hand_computed_chamfer_and_f_score():
+    predicted = np.array([[0.0, 0, 0]])
+    truth = np.array([[0.0, 0, 1], [0.0, 0, 3]])
+    # predicted -> truth: 1; truth -> predicted: (1 + 3) / 2 = 2; half their sum
+    assert chamfer_l1(predicted, truth) == pytest.approx(1.5)
+    # precision 1/2 (one of two predicted points near truth), recall 1 -> F = 2/3
+    assert f_score(np.array([[0.0, 0, 0], [1, 0, 0]]), np.array([[0.0, 0, 0]]), 0.5) == (
+        pytest.approx(2 / 3)
+    )
+    assert math.isnan(chamfer_l1(np.zeros((0, 3)), truth))
+
+
+def test_sampling_is_reproducible_and_on_the_surface():
+    mesh = sphere(0.5)
+    first, second = sample_surface(mesh, 2000, seed=3), sample_surface(mesh, 2000, seed=3)
+    assert first.shape == (2000, 3) and np.array_equal(first, second)
+    assert np.allclose(np.linalg.norm(first, axis=1), 0.5, atol=0.005)  # icosphere facets
+    metrics = mesh_metrics(mesh, mesh)
+    assert metrics["chamfer_l1"] == 0 and metrics["f@0.05"] == 1 and not metrics["empty"]
+
+
+def test_world_frame_sees_scale_and_offset_errors_the_course_variant_hides():
+    truth = sphere(0.5)
+    bigger = mesh_metrics(sphere(0.65), truth)
+    # concentric spheres 0.15 apart: every nearest distance is about 0.15 in both directions
+    assert 0.149 < bigger["chamfer_l1"] < 0.16  # (facets sit slightly inside the sphere)
+    assert bigger["f@0.05"] == 0 and bigger["f@0.1"] == 0
+    shifted = mesh_metrics(sphere(0.5, centre=(0.3, 0, 0)), truth)
+    assert shifted["chamfer_l1"] > 0.1 and shifted["f@0.05"] < 0.5
+    for wrong in (bigger, shifted):  # each cloud normalised by itself: both look perfect
+        assert wrong["course_chamfer"] < 0.02 and wrong["course_f@0.1"] > 0.99
+
+
+def test_course_normalisation_matches_its_definition():
+    points = np.random.default_rng(0).normal(size=(500, 3)) * [1.0, 2.0, 0.5] + 7.0
+    normalised = course_normalise(points)
+    assert np.allclose(normalised.mean(axis=0), 0, atol=1e-12)
+    assert np.abs(normalised).max() == pytest.approx(0.5)
+
+
+def test_empty_prediction_is_recorded_not_crashed():
+    metrics = mesh_metrics(trimesh.Trimesh(), sphere(0.5))
+    assert metrics["empty"] and math.isnan(metrics["chamfer_l1"])
+    assert metrics["f@0.1"] == 0 and metrics["course_f@0.5"] == 0
+    with pytest.raises(ValueError, match="ground-truth mesh is empty"):
+        mesh_metrics(sphere(0.5), trimesh.Trimesh())
+
+
+def test_sphere_baseline_finds_the_radius_and_is_the_best_sphere():
+    baseline = sphere_baseline(sphere(0.4), n_points=3000)
+    assert baseline["radius"] == pytest.approx(0.4, abs=0.006)
+    assert baseline["f@0.05"] > 0.99
+    box = trimesh.creation.box(extents=(0.8, 0.8, 0.8))
+    best = sphere_baseline(box, n_points=3000)
+    assert 0.3 < best["radius"] < 0.7  # between the inscribed (0.4) and circumscribed radius
+    for radius in (best["radius"] - 0.1, best["radius"] + 0.1):
+        worse = mesh_metrics(sphere(radius), box, n_points=3000)
+        assert worse["chamfer_l1"] > best["chamfer_l1"]
+
+
+def test_paired_difference_uses_complete_pairs():
+    result = paired_difference([1.0, 2.0, 3.0, math.nan], [2.0, 2.0, 5.0, 1.0])
+    # differences 1, 0, 2: mean 1, sample std 1, stderr 1/sqrt(3)
+    assert result == {"mean": 1.0, "stderr": pytest.approx(1 / math.sqrt(3)), "n": 3}
+    assert math.isnan(paired_difference([1.0], [2.0])["stderr"])
+    with pytest.raises(ValueError, match="one per object"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_image_metrics():
+    target = torch.full((8, 8, 3), 0.5)
+    assert float(psnr(target + 0.1, target)) == pytest.approx(20.0, abs=1e-3)  # mse 0.01
+    mask = torch.zeros(8, 8)
+    mask[:4] = 1  # top half
+    opacity = torch.zeros(8, 8, 1)
+    opacity[:, :4] = 0.9  # left half: the overlap is a quarter, the union three quarters
+    assert float(mask_iou(opacity, mask)) == pytest.approx(1 / 3)

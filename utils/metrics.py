@@ -1,0 +1,170 @@
+"""How good is a reconstruction: mesh distances, image scores, and honest comparisons.
+
+Mesh metrics compare 10,000 points sampled uniformly on each surface (fixed seed), with
+d(p, Q) = the Euclidean (L2) distance from point p to its nearest neighbour in cloud Q:
+
+- Chamfer-L1 (ours) = ½ · (mean_{p∈P} d(p, G) + mean_{g∈G} d(g, P)), P predicted, G ground truth.
+  "L1" because distances are not squared (Occupancy Networks' convention); lower is better.
+- F-score@τ = 2·precision·recall / (precision + recall), precision = share of P within τ of G,
+  recall = share of G within τ of P (strictly less than τ).
+- Both in the SHARED WORLD FRAME: prediction and ground truth are already in TripoSR's world
+  (the object inside [-0.87, 0.87]³, scaled to fill 0.85 of view 0), so a mesh that is too
+  big, too small or shifted scores worse, as it should.
+- The course project's variant ("course_*"): each cloud is centred on its own centroid and
+  divided by twice its own largest |coordinate| (so it spans about [-0.5, 0.5]); Chamfer is
+  the SUM of the two directional means (twice ours); F at τ = 0.1, 0.2, 0.5. Because each cloud
+  is normalised by itself, errors of scale and position are invisible to it: we report it
+  beside ours for comparison with that project, never instead of ours.
+
+An empty predicted mesh has no surface to sample: its Chamfer values are NaN, its F-scores 0
+and its record says `empty`; paired statistics count only objects where both values are finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import trimesh
+from scipy.spatial import cKDTree
+
+from .losses import mask_iou, psnr  # one definition for training validation and evaluation
+
+__all__ = [
+    "COURSE_THRESHOLDS",
+    "F_THRESHOLDS",
+    "N_SURFACE_POINTS",
+    "chamfer_l1",
+    "course_normalise",
+    "f_score",
+    "mask_iou",
+    "mesh_metrics",
+    "nearest_distances",
+    "paired_difference",
+    "psnr",
+    "sample_surface",
+    "sphere_baseline",
+]
+
+N_SURFACE_POINTS = 10_000
+F_THRESHOLDS = (0.05, 0.1)  # ours, in world units (the object spans about 1.5)
+COURSE_THRESHOLDS = (0.1, 0.2, 0.5)  # the course project's, on self-normalised clouds
+# Sphere radii the baseline searches: every 0.005 up to the bounding cube's half size.
+SPHERE_RADII = np.arange(0.02, 0.8701, 0.005)
+
+
+def sample_surface(
+    mesh: trimesh.Trimesh, n_points: int = N_SURFACE_POINTS, seed: int = 0
+) -> np.ndarray:
+    """Points uniformly on the surface (area-weighted), reproducible. -> (n, 3), (0, 3) if empty"""
+    if len(mesh.faces) == 0 or mesh.area <= 0:
+        return np.zeros((0, 3))
+    points, _ = trimesh.sample.sample_surface(mesh, n_points, seed=seed)
+    return np.asarray(points, dtype=np.float64)
+
+
+def nearest_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """L2 distance from each source point to its nearest target point. (N,3), (M,3) -> (N,)"""
+    return cKDTree(target).query(source, k=1)[0]
+
+
+def chamfer_l1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """½ (mean nearest distance predicted→truth + truth→predicted); NaN if a cloud is empty."""
+    if len(predicted) == 0 or len(truth) == 0:
+        return math.nan
+    return 0.5 * float(
+        nearest_distances(predicted, truth).mean() + nearest_distances(truth, predicted).mean()
+    )
+
+
+def f_score(predicted: np.ndarray, truth: np.ndarray, tau: float) -> float:
+    """Harmonic mean of precision and recall at distance tau; 0 if a cloud is empty."""
+    if len(predicted) == 0 or len(truth) == 0:
+        return 0.0
+    precision = float((nearest_distances(predicted, truth) < tau).mean())
+    recall = float((nearest_distances(truth, predicted) < tau).mean())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def course_normalise(points: np.ndarray) -> np.ndarray:
+    """The course project's normalisation: minus the centroid, over twice the max |coordinate|."""
+    centred = points - points.mean(axis=0, keepdims=True)
+    return centred / (2 * max(float(np.abs(centred).max()), 1e-6))
+
+
+def _cloud_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    metrics = {"chamfer_l1": chamfer_l1(predicted, truth)}
+    metrics |= {f"f@{tau:g}": f_score(predicted, truth, tau) for tau in F_THRESHOLDS}
+    if len(predicted) and len(truth):
+        predicted, truth = course_normalise(predicted), course_normalise(truth)
+    metrics["course_chamfer"] = 2 * chamfer_l1(predicted, truth)  # theirs sums the directions
+    metrics |= {f"course_f@{tau:g}": f_score(predicted, truth, tau) for tau in COURSE_THRESHOLDS}
+    return metrics
+
+
+def mesh_metrics(
+    predicted: trimesh.Trimesh | np.ndarray,
+    truth: trimesh.Trimesh | np.ndarray,
+    n_points: int = N_SURFACE_POINTS,
+    seed: int = 0,
+) -> dict[str, float | bool]:
+    """Chamfer-L1, F@0.05/0.1 (world frame) and the course variant for one object.
+
+    Meshes are sampled with `seed`; (N, 3) arrays are used as given (e.g. ground-truth points
+    sampled once for several predictions).
+    """
+    clouds = [
+        sample_surface(m, n_points, seed) if isinstance(m, trimesh.Trimesh) else np.asarray(m)
+        for m in (predicted, truth)
+    ]
+    if len(clouds[1]) == 0:
+        raise ValueError("the ground-truth mesh is empty: there is nothing to compare against")
+    return {**_cloud_metrics(*clouds), "empty": len(clouds[0]) == 0}
+
+
+def sphere_baseline(
+    truth: trimesh.Trimesh | np.ndarray,
+    n_points: int = N_SURFACE_POINTS,
+    seed: int = 0,
+    radii: Sequence[float] = SPHERE_RADII,
+) -> dict[str, float | bool]:
+    """The best single sphere centred at the origin: the radius with the lowest Chamfer-L1 to
+    the ground truth, scored like any model. A model must beat it to show it learnt a shape.
+
+    The search scores every 10th radius of `radii`, then every radius around the best, with
+    2,000 sphere points (the final score uses n_points). -> mesh_metrics of it plus "radius".
+    """
+    truth_points = (
+        sample_surface(truth, n_points, seed) if isinstance(truth, trimesh.Trimesh) else truth
+    )
+    unit = sample_surface(trimesh.creation.icosphere(subdivisions=5), n_points, seed)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)  # onto the exact unit sphere
+    norms = np.linalg.norm(truth_points, axis=1)
+    truth_tree = cKDTree(truth_points)
+
+    def score(index: int) -> float:
+        radius = radii[index]
+        # truth -> sphere is exact for a sphere at the origin: | |g| - r |
+        return np.abs(norms - radius).mean() + truth_tree.query(unit[:2000] * radius)[0].mean()
+
+    coarse = min(range(0, len(radii), 10), key=score)
+    best = min(range(max(coarse - 10, 0), min(coarse + 11, len(radii))), key=score)
+    radius = float(radii[best])
+    return {**mesh_metrics(unit * radius, truth_points), "radius": radius}
+
+
+def paired_difference(base: Sequence[float], other: Sequence[float]) -> dict[str, float | int]:
+    """Per-object differences other - base over objects where both are finite.
+
+    -> mean, stderr (sample std / sqrt(n); NaN for n < 2), n. A mean more than 2 standard
+    errors from zero is unlikely to be noise across objects.
+    """
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need one per object in both lists: {a.shape} vs {b.shape}")
+    differences = (b - a)[np.isfinite(a) & np.isfinite(b)]
+    n = len(differences)
+    mean = float(differences.mean()) if n else math.nan
+    stderr = float(differences.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean": mean, "stderr": stderr, "n": n}
