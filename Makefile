@@ -15,14 +15,23 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-# The main job end to end on the embedded default model, on the CPU.
+# The workbook end to end on the embedded default model, on the CPU: the six notebooks in
+# order, headless; executed copies and HTML in outputs/notebooks/, the adapter in
+# outputs_lora/workbook/, meshes and the evaluation table in outputs/workbook/.
 demo: $(STAMP)
-	$(PY) -m tsr examples/*.png --pretrained tiny --output-dir outputs/demo --mc-resolution 128
+	$(PY) scripts/run_notebooks.py
 
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	SMOKE=1 $(PY) -m pytest -q -m "not slow and not browser" tests $(if $(NOTEBOOKS),--nbmake $(NOTEBOOKS))
+	SMOKE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m "not slow and not browser" tests $(if $(NOTEBOOKS),--nbmake $(NOTEBOOKS))
+
+# Notebook 04 in JupyterLab in headless Chromium; installs Debian's chromium when missing.
+test-browser: $(STAMP)
+	@[ -x /usr/bin/chromium ] || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+	$(PY) -m pytest -q -m browser tests/test_browser.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
