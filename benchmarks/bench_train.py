@@ -17,9 +17,10 @@ sizes (size/16 .. size, doubling) and stops when the next one is predicted (pixe
 increase) to exceed --memory-budget-gb; a size it cannot afford is extrapolated linearly in
 pixels from the two largest measured ones and marked so. Each case is a fresh subprocess: its
 peak RSS (ru_maxrss) is its own; "increase" is the peak during the steps minus the RSS before
-them. Wall seconds suffer when other processes share the cores; CPU seconds less so.
+them. When other processes share the cores, two torch threads wait for each other at every
+op (5x slower here): `--threads 1` then gives steadier numbers for both recipes alike.
 
-    .venv/bin/python benchmarks/bench_train.py                  # tiny, mid, official (ours)
+    .venv/bin/python benchmarks/bench_train.py --threads 1      # tiny, mid, official (ours)
     .venv/bin/python benchmarks/bench_train.py --models tiny --skip-official
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,21 @@ QUICK = ["--rays", "64", "--views", "3", "--val_objects", "1", "--val_rays_per_v
 QUICK += ["--progress", "false"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny model: a second thread only waits for a free core when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(*args) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 

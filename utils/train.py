@@ -212,11 +212,17 @@ def fit(
 
     Writes <output_dir>/config.json, metrics.jsonl, loss.png, checkpoints/last.pt and the
     adapter (lora, peft format) or the model (full, config.yaml + model.safetensors).
+    Under torchrun (WORLD_SIZE > 1) it joins the process group itself, trains on its rank's
+    share of the objects and averages gradients with one all-reduce per step; `train_dataset`
+    is anything with len() and [index] -> item (a MultiViewDataset, a list of items).
+    `mesh_metrics(model, val_dataset) -> dict` runs every `config.mesh_every` steps.
     """
     rank, world = _distributed()
     is_main = rank == 0
     run_dir = Path(output_dir)
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
     n_objects = len(train_dataset)
     if n_objects == 0:
         raise ValueError("the training dataset is empty: check --input_folder and its split.json")
