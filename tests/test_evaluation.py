@@ -122,3 +122,13 @@ def test_compare_pairs_by_object_and_judges_against_two_standard_errors(tmp_path
         compare({"base": base, "lora": lora[:3]})
     with pytest.raises(ValueError, match="no records for the base"):
         compare({"lora": lora})
+
+
+def test_choose_threshold_picks_the_level_with_the_lowest_chamfer(shapes_dataset):
+    model = TSR.from_pretrained("tiny")
+    around = low_threshold(model, shapes_dataset)
+    best, scores = evaluation.choose_threshold(
+        model, shapes_dataset, around=around, factors=(0.8, 1.0, 1.2), resolution=20, n_points=500
+    )
+    assert set(scores) == {f"{around * f:g}" for f in (0.8, 1.0, 1.2)}
+    assert scores[f"{best:g}"]["chamfer_l1"] == min(s["chamfer_l1"] for s in scores.values())

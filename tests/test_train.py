@@ -315,3 +315,22 @@ def test_bf16_autocast_keeps_fp32_master_weights(datasets, tmp_path):
     fit(model, datasets["train"], quick_config(max_steps=2), output_dir=tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["bf16_autocast"] is True
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_occupancy_loss_puts_the_surface_at_the_level():
+    """logit = log(density_act / level): BCE against inside labels, with gradients."""
+    import torch.nn.functional as F
+
+    model = TSR.from_config("tiny", seed=0)
+    code = model(torch.zeros(32, 32, 3))[0].detach()
+    points = torch.rand(64, 3) * 1.6 - 0.8
+    item = {"occupancy_points": points, "occupancy": (points.norm(dim=-1) < 0.5).float()}
+    generator = torch.Generator().manual_seed(0)
+    loss = losses.occupancy_loss(model, code, item, 64, 2.0, generator)
+    chosen = torch.randint(64, (64,), generator=torch.Generator().manual_seed(0))
+    density_act = model.renderer.query_triplane(model.decoder, points[chosen], code)["density_act"]
+    logit = torch.log(density_act[:, 0] / 2.0)
+    expected = F.binary_cross_entropy_with_logits(logit, item["occupancy"][chosen])
+    assert math.isclose(float(loss), float(expected), rel_tol=1e-5)
+    loss.backward()
+    assert model.decoder.layers[0].weight.grad.abs().sum() > 0
