@@ -126,7 +126,7 @@ def test_grid_is_officials_and_queried_in_bounded_chunks():
     official = torch.stack(torch.meshgrid(unit, unit, unit, indexing="ij"), -1).reshape(-1, 3)
     official = official * (RADIUS - -RADIUS) + -RADIUS
     assert torch.equal(torch.cat([points for points, _ in calls]), official)
-    assert max(len(points) for points, _ in calls) == chunk_size
+    assert max(len(points) for points, _ in calls) <= chunk_size  # split at x-slab edges
     assert all(inference for _, inference in calls)
     assert all(points.dtype == torch.float32 for points, _ in calls)
 

@@ -85,38 +85,62 @@ class _GridQuery:
         """Fill out (X*Y*Z,), the flat level volume of the grid `axes[0] x axes[1] x axes[2]`
         (x slowest), at point_ids (flat indices; all points when None).
         """
-        ny, nz = len(axes[1]), len(axes[2])
         n_points = out.numel() if point_ids is None else point_ids.numel()
         step = self.chunk_size if self.chunk_size > 0 else max(n_points, 1)
+        chunks = list(self._chunks(axes, step, point_ids))
         if self.bar is not None:
-            self.bar.total = (self.bar.total or 0) + -(-n_points // step)
+            self.bar.total = (self.bar.total or 0) + len(chunks)
             self.bar.refresh()
-        for start in range(0, n_points, step):
-            stop = min(start + step, n_points)
-            if point_ids is None:
-                ids = torch.arange(start, stop, device=out.device)
-            else:
-                ids = point_ids[start:stop]
-            points = torch.stack(
-                [axes[0][ids // (ny * nz)], axes[1][(ids // nz) % ny], axes[2][ids % nz]], dim=-1
-            )  # (N, 3)
+        for target, make_points in chunks:
+            points = make_points()  # (N, 3)
             density = self.density_fn(points)
-            if density.numel() != len(ids):
+            if density.numel() != len(points):
                 raise ValueError(
-                    f"density_fn returned shape {tuple(density.shape)} for {len(ids)} points: "
+                    f"density_fn returned shape {tuple(density.shape)} for {len(points)} points: "
                     "it must return one density per point, shaped (N,) or (N, 1)"
                 )
             density = density.reshape(-1).float()
-            level = density - self.threshold  # in float32, as TripoSR
-            if point_ids is None:
-                out[start:stop] = level
-            else:
-                out[ids] = level
+            out[target] = density - self.threshold  # in float32, as TripoSR
             low, high = torch.aminmax(density)
             self.seen[0], self.seen[1] = self.seen[0].minimum(low), self.seen[1].maximum(high)
             if self.bar is not None:
                 self.bar.update(1)
         self.n_queries += n_points
+
+    @staticmethod
+    def _chunks(axes, step: int, point_ids: torch.Tensor | None):
+        """(where in the flat volume, a function making the chunk's points) per chunk.
+
+        All points: whole x-slabs are built from one precomputed (y, z) plane by slicing, so
+        a chunk costs no index arithmetic (TripoSR's loop slices a prebuilt grid; this is as
+        cheap without building it). Chosen points: coordinates from their flat indices.
+        """
+        nx, ny, nz = (len(a) for a in axes)
+        if point_ids is not None:
+            for start in range(0, point_ids.numel(), step):
+                ids = point_ids[start : start + step]
+
+                def make(ids=ids):
+                    x, y, z = ids // (ny * nz), (ids // nz) % ny, ids % nz
+                    return torch.stack([axes[0][x], axes[1][y], axes[2][z]], dim=-1)
+
+                yield ids, make
+            return
+        plane = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), -1).reshape(-1, 2)
+        size = len(plane)  # Y*Z points per x-slab
+        slabs = max(1, step // size)  # whole slabs per chunk when a slab is smaller than a chunk
+        for x0 in range(0, nx, slabs):
+            xs = axes[0][x0 : x0 + slabs]  # (S,)
+            for start in range(0, size, step):
+                rows = plane[start : start + step]  # (N, 2)
+                first = x0 * size + start
+                target = slice(first, first + len(xs) * len(rows))  # contiguous: x slowest
+
+                def make(xs=xs, rows=rows):
+                    x = xs.repeat_interleave(len(rows))[:, None]
+                    return torch.cat([x, rows.repeat(len(xs), 1)], dim=-1)
+
+                yield target, make
 
 
 class _CoarseToFine:
