@@ -135,3 +135,20 @@ def test_course_layout_input(lora_run, tmp_path):
 def test_unknown_input_folder_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match=r"prepare_data\.py"):
         fine_tuning.main(["--input_folder", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+
+
+def test_chain_prepare_finetune_infer_evaluate(lora_run):
+    """The four CLIs as a user runs them, each on the previous one's output."""
+    adapter, tmp = lora_run["run"] / "adapter", lora_run["tmp"]
+    object_dir = sorted(p for p in lora_run["data"].iterdir() if p.is_dir())[0]
+    mesh_path = tmp / "mesh_lora.obj"
+    run("inference_lora.py", "--image_path", object_dir / "rgba" / "000.png",
+        "--lora_path", adapter, "--output", mesh_path, "--mc-resolution", 24,
+        "--threshold", 0.4, "--no-remove-bg")  # fmt: skip
+    assert mesh_path.is_file()
+    run("evaluate.py", "--data", lora_run["data"], "--split", "all", "--adapter", adapter,
+        "--output-dir", tmp / "eval", "--mc-resolution", 24, "--threshold", 0.4,
+        "--n-points", 500, "--max-objects", 1)  # fmt: skip
+    summary = json.loads((tmp / "eval" / "metrics.json").read_text())
+    assert {"base", "lora"} <= set(summary["models"])
+    assert (tmp / "eval" / "metrics.md").is_file()
