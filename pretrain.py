@@ -27,7 +27,7 @@ from tsr.config import ASSETS, load_config
 from tsr.model import TSR
 from utils.build_dataset import prepare_dataset
 from utils.data import MultiViewDataset
-from utils.evaluation import choose_threshold
+from utils.evaluation import best_threshold_by_chamfer
 from utils.train import TrainConfig, fit
 
 CLASSROOM_CONFIG = ASSETS / "classroom-config.yaml"
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     train_seconds = time.perf_counter() - train_started
 
     # ---- the model's own marching-cubes threshold, chosen on validation objects
-    threshold, threshold_scores = choose_threshold(model, val, around=args.level)
+    threshold, threshold_scores = best_threshold_by_chamfer(model, val, around=args.level)
     model.config.mc_threshold = threshold
     total_seconds = time.perf_counter() - started
 

@@ -97,7 +97,7 @@ def run_case(case: str, full: bool, resolution: int, threshold: float | None) ->
     }
 
 
-def choose_threshold(full: bool) -> float:
+def quantile_threshold(full: bool) -> float:
     """The 0.9-quantile of density on a 32^3 grid: random weights never reach 25."""
     model = load_model(full)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def main() -> None:
         print(json.dumps(run_case(args.case, args.full, args.resolution, args.threshold)))
         return
 
-    threshold = choose_threshold(args.full)
+    threshold = quantile_threshold(args.full)
     jobs = [(case, 0) for case in ("forward", "render128") if case in args.cases]
     for resolution in args.resolutions:
         for case in args.cases:

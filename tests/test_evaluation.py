@@ -124,10 +124,10 @@ def test_compare_pairs_by_object_and_judges_against_two_standard_errors(tmp_path
         compare({"lora": lora})
 
 
-def test_choose_threshold_picks_the_level_with_the_lowest_chamfer(shapes_dataset):
+def test_best_threshold_by_chamfer_picks_the_level_with_the_lowest_chamfer(shapes_dataset):
     model = TSR.from_pretrained("tiny")
     around = low_threshold(model, shapes_dataset)
-    best, scores = evaluation.choose_threshold(
+    best, scores = evaluation.best_threshold_by_chamfer(
         model, shapes_dataset, around=around, factors=(0.8, 1.0, 1.2), resolution=20, n_points=500
     )
     assert set(scores) == {f"{around * f:g}" for f in (0.8, 1.0, 1.2)}

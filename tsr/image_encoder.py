@@ -58,8 +58,12 @@ class DINOSingleImageTokenizer(nn.Module):
         self.model.embeddings.interpolate_pos_encoding = types.MethodType(
             _dino_interpolate_pos_encoding, self.model.embeddings
         )
-        # ImageNet statistics; not in the checkpoint (non-persistent), shaped (1, 1, 3, 1, 1)
-        # like the official buffers.
+        self.register_normalisation()
+
+    def register_normalisation(self) -> None:
+        """ImageNet statistics; not in the checkpoint (non-persistent), shaped (1, 1, 3, 1, 1)
+        like the official buffers. Called again after a meta-device build, which leaves them empty.
+        """
         mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 1, 3, 1, 1)
         self.register_buffer("image_mean", mean, persistent=False)

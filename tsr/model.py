@@ -72,12 +72,7 @@ class TSR(nn.Module):
         state = read_state_dict(weight_path)
         check_state_dict(model.state_dict(), state, str(weight_path), str(config_path))
         model.load_state_dict(state, strict=True, assign=True)
-        model.image_tokenizer.register_buffer(
-            "image_mean", torch.tensor([0.485, 0.456, 0.406]).reshape(1, 1, 3, 1, 1), False
-        )
-        model.image_tokenizer.register_buffer(
-            "image_std", torch.tensor([0.229, 0.224, 0.225]).reshape(1, 1, 3, 1, 1), False
-        )
+        model.image_tokenizer.register_normalisation()  # buffers are not in checkpoints
         model.source = str(pretrained_model_name_or_path)
         return model.eval()
 

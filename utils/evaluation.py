@@ -289,7 +289,7 @@ def write_report(
 
 
 @torch.no_grad()
-def choose_threshold(
+def best_threshold_by_chamfer(
     model: TSR,
     dataset: MultiViewDataset,
     around: float | None = None,
