@@ -14,7 +14,7 @@ from tsr.config import named_config
 from tsr.model import TSR
 from utils import checkpoint, losses, train
 from utils.data import MultiViewDataset, prepare_dataset, sample_rays
-from utils.lora import add_lora, lora_state_dict
+from utils.lora import add_lora, load_adapter, lora_state_dict
 from utils.train import TrainConfig, fit
 
 
@@ -221,6 +221,78 @@ def test_full_mode_trains_every_weight_and_saves_a_loadable_model(datasets, tmp_
     reloaded = TSR.from_pretrained(result.artefact)
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_head_learning_rate_scale_reaches_only_decoder_and_upsampler(datasets, tmp_path):
+    model = TSR.from_pretrained("tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = quick_config(train_mode="full", max_steps=2, lr=1e-3, lr_scale_head=0.0)
+    fit(model, datasets["train"], config, output_dir=tmp_path)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert not any(k.startswith(("decoder", "post_processor")) for k in changed)
+    assert any(k.startswith("backbone") for k in changed)
+
+
+def scripted_validation(monkeypatch, values: list[float]) -> None:
+    """validate() returns these val_loss values in turn (step 0 first)."""
+    remaining = list(values)
+
+    def scripted(model, dataset, config):
+        return {"val_loss": remaining.pop(0), "val_psnr": 0.0, "val_mask_iou": 0.0}
+
+    monkeypatch.setattr(train, "validate", scripted)
+
+
+class AdapterSnapshots:
+    def __init__(self, model):
+        self.model, self.by_step = model, {}
+
+    def on_validation(self, step, metrics):
+        self.by_step[step] = {k: v.clone() for k, v in lora_state_dict(self.model).items()}
+
+
+def test_early_stopping_ends_on_the_best_validation(datasets, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [1.0, 0.5, 0.7, 0.8, 0.1, 0.1])
+    model = lora_model(dropout=0.0)
+    snapshots = AdapterSnapshots(model)
+    config = quick_config(max_steps=10, val_every=1, lr=1e-2, early_stopping_patience=2)
+    result = fit(
+        model, datasets["train"], config, val_dataset=datasets["val"],
+        callbacks=[snapshots], output_dir=tmp_path,
+    )  # fmt: skip
+    assert (result.steps, result.best_step, result.stopped_early) == (3, 1, True)
+    assert sorted(snapshots.by_step) == [0, 1, 2, 3]  # never saw the 0.1 of step 4
+    final = lora_state_dict(model)
+    for key, value in snapshots.by_step[1].items():
+        assert torch.equal(final[key], value), key
+    assert not torch.equal(final[key], snapshots.by_step[3][key])
+    saved = checkpoint.load_checkpoint(tmp_path)
+    assert saved["step"] == 3 and saved["best"]["step"] == 1  # a resume keeps the best
+    reloaded = load_adapter(TSR.from_pretrained("tiny"), result.artefact)
+    for key, value in lora_state_dict(reloaded).items():
+        assert torch.equal(value, final[key]), key
+
+
+def test_an_adapter_that_never_helps_ends_as_the_base_model(datasets, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.5, 0.6, 0.7, 0.8])
+    model = lora_model(dropout=0.0)
+    snapshots = AdapterSnapshots(model)
+    config = quick_config(max_steps=3, val_every=1, lr=1e-2, early_stopping_patience=5)
+    result = fit(
+        model, datasets["train"], config, val_dataset=datasets["val"],
+        callbacks=[snapshots], output_dir=tmp_path,
+    )  # fmt: skip
+    assert (result.steps, result.best_step, result.stopped_early) == (3, 0, False)
+    lora_b = [v for k, v in lora_state_dict(model).items() if "lora_B" in k]
+    assert lora_b and all(not v.any() for v in lora_b)  # B = 0: the adapter adds nothing
+
+
+def test_early_stopping_metric_is_checked(datasets, tmp_path):
+    with pytest.raises(ValueError, match="early_stopping_metric"):
+        fit(
+            lora_model(), datasets["train"], quick_config(early_stopping_metric="psnr"),
+            output_dir=tmp_path,
+        )  # fmt: skip
 
 
 def test_lora_mode_needs_an_adapter(datasets, tmp_path):

@@ -74,11 +74,16 @@ def save_checkpoint(
     step: int,
     rng_states_per_rank: list[dict[str, Any]],
     config: dict[str, Any],
+    best: dict[str, Any] | None = None,
 ) -> Path:
-    """Everything needed to continue training after `step` optimiser steps."""
+    """Everything needed to continue training after `step` optimiser steps.
+
+    `best`: the best validation so far ({"step", "value", "trainable"}), so a resumed run
+    still restores and stops by it."""
     return atomic_save(
         {
             "step": step,
+            "best": best,
             "trainable": trainable_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
