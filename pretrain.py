@@ -1,10 +1,12 @@
 """Pretrain the classroom model: a small TripoSR trained from scratch on generated primitives.
 
-One command builds the data and trains (not shipped yet: a first 1250-step run learned a mean
-shape that ignores the input image; see outputs/pretrain-*/metrics.jsonl of your own run):
+One command builds the data (4000 primitives, ~12 min) and trains (3600 steps, ~40 min on 2
+CPU cores), then picks the marching-cubes threshold on validation objects:
 
-    python pretrain.py                       # -> tsr/assets/classroom/
+    python pretrain.py                       # -> tsr/assets/classroom/ (the shipped model)
     python pretrain.py --objects 200 --steps 50 --out outputs/pretrain-smoke   # a quick look
+
+The shipped model's recipe.json records the command, seeds, times and metrics of its run.
 
 It uses the same `fit()` as LoRA fine-tuning, in full-weights mode, with one extra loss:
 occupancy, a BCE on points labelled inside/outside the ground-truth mesh, which puts the
@@ -33,6 +35,28 @@ from utils.train import TrainConfig, fit
 CLASSROOM_CONFIG = ASSETS / "classroom-config.yaml"
 
 
+def init_for_pretraining(model: TSR, cross_attention_gain: float, position_std: float) -> None:
+    """Two changes to the random init that let the image steer the triplane from step 1.
+
+    The ViT's position embeddings start at transformers' std 0.02 against patch features of
+    std ~0.5: image tokens say what a patch shows but not where it is, so no triplane token can
+    look up "the patch at row 3, column 5". `position_std` makes position as loud as content.
+    Then the query and key weights of every cross-attention are scaled by
+    `cross_attention_gain`.
+
+    With PyTorch's init the attention logits are so small that each triplane token sees the
+    plain mean of the image tokens, mostly background: every object looks alike, and the model
+    learns one mean shape and stays there (val PSNR flat at 12.4 dB from step 500 to 1500).
+    Logits x16 let tokens pick image patches from the start: 18.2 dB instead of 14.6 dB after
+    200 steps fitting 8 objects.
+    """
+    with torch.no_grad():
+        model.image_tokenizer.model.embeddings.position_embeddings.normal_(0.0, position_std)
+        for block in model.backbone.transformer_blocks:
+            block.attn2.to_q.weight.mul_(cross_attention_gain)
+            block.attn2.to_k.weight.mul_(cross_attention_gain)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,11 +67,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=5, help="views per object (view 0 = input)")
     parser.add_argument("--size", type=int, default=128, help="render size = cond image size")
     parser.add_argument("--occupancy-points", type=int, default=2048, help="labelled 3D points")
-    parser.add_argument("--steps", type=int, default=4500, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=3600, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=4, help="objects per step")
     parser.add_argument("--rays", type=int, default=1024, help="rays per object and step")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--lr-scale-head", type=float, default=10.0, help="lr multiplier: decoder, upsampler"
+    )
     parser.add_argument("--level", type=float, default=10.0, help="density_act at the surface")
+    parser.add_argument(
+        "--cross-attention-gain",
+        type=float,
+        default=4.0,
+        help="initial scale of the cross-attention query and key weights (1: PyTorch's init)",
+    )
+    parser.add_argument(
+        "--position-std", type=float, default=1.0, help="initial std of the ViT position embeddings"
+    )
     parser.add_argument("--seed", type=int, default=0, help="data, init and training seed")
     parser.add_argument("--workers", type=int, default=None, help="data generation processes")
     return parser.parse_args(argv)
@@ -70,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     # ---- model and training: all weights, from scratch
     config = load_config(CLASSROOM_CONFIG)
     model = TSR.from_config(config, seed=args.seed)
+    init_for_pretraining(model, args.cross_attention_gain, args.position_std)
     model.source = "classroom (pretrain.py)"
     train_config = TrainConfig(
         train_mode="full", batch_size=args.batch_size, rays_per_object=args.rays,
-        max_steps=args.steps, lr=args.lr, warmup_fraction=0.03, min_lr_ratio=0.05,
+        max_steps=args.steps, lr=args.lr, lr_scale_head=args.lr_scale_head, warmup_fraction=0.03, min_lr_ratio=0.05,
         lambda_mask=0.1, lambda_lpips=0.0, lambda_occupancy=1.0, occupancy_level=args.level,
         seed=args.seed, val_every=250, val_objects=16, checkpoint_every=250,
     )  # fmt: skip
