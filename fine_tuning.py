@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils import data, lora
 from utils.train import TrainConfig, fit
@@ -54,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     course.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA path")
     course.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     ours = parser.add_argument_group("workbook flags")
-    ours.add_argument("--pretrained", default="tiny", help="base model: 'tiny', folder or Hub id")
+    ours.add_argument(
+        "--pretrained", default=DEFAULT_MODEL, help="base model: shipped name, folder or Hub id"
+    )
     ours.add_argument("--run_name", default=None, help="run folder name (default: time stamp)")
     ours.add_argument(
         "--max_steps", type=int, default=None, help="optimiser steps (overrides --epochs)"

@@ -1,4 +1,4 @@
-"""inference_lora.py and evaluate.py as subprocesses on the tiny model and a tiny dataset."""
+"""inference_lora.py and evaluate.py as subprocesses on the default (classroom) model and a tiny dataset."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.build_dataset import prepare_dataset
 from utils.data import MultiViewDataset
@@ -30,14 +31,14 @@ def run(script: str, *args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    """A 2-object dataset, an adapter (folder and course .pth) and a threshold the random
-    tiny model reaches (its 0.9-quantile density: TripoSR's 25 is never reached)."""
+    """A 2-object dataset, an adapter (folder and course .pth) and a threshold the adapted
+    model surely reaches (its 0.9-quantile density on this object)."""
     tmp = tmp_path_factory.mktemp("cli")
     prepare_dataset(
         tmp / "data", families=("primitives",), n_objects=2, n_views=3, size=32, workers=1
     )
     dataset = MultiViewDataset(tmp / "data", "all", cond_size=64)
-    model = add_lora(TSR.from_pretrained("tiny"), r=4, alpha=8)
+    model = add_lora(TSR.from_pretrained(DEFAULT_MODEL), r=4, alpha=8)
     generator = torch.Generator().manual_seed(0)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # as after training: a zero B would make the adapter invisible

@@ -1,4 +1,4 @@
-"""fine_tuning.py on the tiny model: prepare -> fine-tune as subprocesses, then the variants
+"""fine_tuning.py on the default (classroom) model: prepare -> fine-tune as subprocesses, then the variants
 (resume, --full with patches, the course project's folder layout) through main()."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tsr.cameras import orbit_cameras, rays_from_c2w
+from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.data import read_object, write_course_layout
 from utils.lora import load_adapter, lora_state_dict
@@ -74,16 +75,19 @@ def test_fine_tuning_writes_a_run_whose_adapter_loads(lora_run):
     assert (
         resolved["lr"] == 1e-3 and resolved["max_steps"] == 3 and resolved["rays_per_object"] == 64
     )
-    assert resolved["lora"]["n_targets"] == 16  # attn: 2 blocks x 8 Linear layers
+    blocks = TSR.from_pretrained(DEFAULT_MODEL).config.backbone.num_layers
+    assert resolved["lora"]["n_targets"] == 8 * blocks  # attn: 8 Linear layers per block
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
     assert steps == [0, 1, 2, 2, 3, 3]  # validation at 0, every 2 steps and at the end
 
-    adapted = load_adapter(TSR.from_pretrained("tiny"), run_dir / "adapter")
+    adapted = load_adapter(TSR.from_pretrained(DEFAULT_MODEL), run_dir / "adapter")
     assert any(v.abs().sum() > 0 for k, v in lora_state_dict(adapted).items() if "lora_B" in k)
     # the course-format copy where the course's inference looks is the same adapter
-    course = load_adapter(TSR.from_pretrained("tiny"), lora_run["tmp"] / "out" / "lora_weights.pth")
+    course = load_adapter(
+        TSR.from_pretrained(DEFAULT_MODEL), lora_run["tmp"] / "out" / "lora_weights.pth"
+    )
     image = torch.rand(1, adapted.config.cond_image_size, adapted.config.cond_image_size, 3)
-    base = render(TSR.from_pretrained("tiny"), image)
+    base = render(TSR.from_pretrained(DEFAULT_MODEL), image)
     assert not torch.allclose(render(adapted, image), base)
     torch.testing.assert_close(render(course, image), render(adapted, image), atol=1e-5, rtol=0)
 
@@ -112,7 +116,7 @@ def test_full_training_with_patches_saves_a_model(lora_run, tmp_path):
         8,
     )
     trained = TSR.from_pretrained(run_dir / "model")
-    base = TSR.from_pretrained("tiny")
+    base = TSR.from_pretrained(DEFAULT_MODEL)
     assert not torch.equal(trained.decoder.layers[0].weight, base.decoder.layers[0].weight)
     assert not (tmp_path / "lora_weights.pth").exists()  # no adapter in full mode
 

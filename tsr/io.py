@@ -15,9 +15,11 @@ from safetensors.torch import load_file as load_safetensors
 
 from .config import ASSETS
 
-SHIPPED_MODELS = {"tiny": ASSETS / "tiny"}  # name -> folder with config.yaml + weights
+# name -> folder with config.yaml + weights. "tiny": random weights in the official format,
+# for parity tests; "classroom": a small TripoSR pretrained by pretrain.py (recipe.json there).
+SHIPPED_MODELS = {"tiny": ASSETS / "tiny", "classroom": ASSETS / "classroom"}
 # What notebooks and CLIs load when no model is given: shipped, so nothing is downloaded.
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "classroom"
 OFFICIAL_REPO = "stabilityai/TripoSR"
 
 

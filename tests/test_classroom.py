@@ -1,0 +1,60 @@
+"""The shipped classroom model: loadable like the official weights, small, documented, and it
+reconstructs unseen primitives closer to the truth than the best sphere."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from tsr.io import DEFAULT_MODEL, SHIPPED_MODELS
+from tsr.model import TSR
+from utils.data import MultiViewDataset, prepare_dataset
+from utils.evaluation import evaluate_model, sphere_records
+
+CLASSROOM = SHIPPED_MODELS["classroom"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TSR.from_pretrained("classroom").eval()
+
+
+def test_classroom_is_the_default_and_ships_as_config_plus_safetensors():
+    assert DEFAULT_MODEL == "classroom"
+    files = {path.name: path.stat().st_size for path in CLASSROOM.iterdir()}
+    assert {"config.yaml", "model.safetensors", "recipe.json"} <= files.keys()
+    assert sum(files.values()) <= 20 * 2**20, files
+
+
+def test_recipe_records_how_it_was_made(model):
+    recipe = json.loads((CLASSROOM / "recipe.json").read_text())
+    assert recipe["command"].startswith("python pretrain.py")
+    assert recipe["arguments"]["seed"] == 0 and recipe["data"]["n_objects"] == 4000
+    assert recipe["seconds"]["total"] >= recipe["seconds"]["train"] > 0
+    assert recipe["parameters"] == sum(p.numel() for p in model.parameters())
+    # the marching-cubes level was chosen on validation data and the config carries it
+    assert model.config.mc_threshold == pytest.approx(recipe["mc_threshold"])
+    chosen = recipe["threshold_scores"][f"{recipe['mc_threshold']:g}"]["chamfer_l1"]
+    assert chosen == min(s["chamfer_l1"] for s in recipe["threshold_scores"].values())
+
+
+def test_unseen_primitives_reconstruct_closer_than_the_best_sphere(model, tmp_path):
+    # another seed than pretraining's 0: shapes, sizes, colours and cameras never seen
+    torch.set_num_threads(2)
+    root = tmp_path / "unseen"
+    prepare_dataset(
+        root, families=("primitives",), n_objects=8, n_views=3, size=128, seed=2024, workers=1
+    )
+    dataset = MultiViewDataset(root, "all", cond_size=model.config.cond_image_size)
+    ours = evaluate_model(model, dataset, mc_resolution=64, n_points=2000)
+    spheres = sphere_records(dataset, n_points=2000)
+
+    def mean(records, key):
+        return statistics.fmean(r[key] for r in records)
+
+    assert all(r["n_faces"] > 0 for r in ours)  # a surface for every input
+    assert mean(ours, "chamfer_l1") < mean(spheres, "chamfer_l1")
+    assert mean(ours, "f@0.05") > mean(spheres, "f@0.05")
