@@ -156,7 +156,8 @@ def test_split_counts_add_up(smoke_data):
     rows = nbh.split_counts(dataset_statistics(smoke_data))
     assert [row["split"] for row in rows] == ["train", "val", "test"]
     assert sum(row["total"] for row in rows) == nbh.SMOKE_DATASET["n_objects"]
-    assert all(row["total"] == row["parts"] + row["primitives"] for row in rows)
+    families = nbh.SMOKE_DATASET["families"]
+    assert all(row["total"] == sum(row[family] for family in families) for row in rows)
 
 
 def test_gradient_norms_tell_lora_a_from_b(tiny):
