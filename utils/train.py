@@ -453,11 +453,11 @@ def fit(
             for name, parameter in model.named_parameters():
                 if name in best["trainable"]:
                     parameter.copy_(best["trainable"][name])
+    best_step = None if best is None else best["step"]
 
     # ---- final artefacts
     artefact = None
     if is_main:
-        best_step = None if best is None else best["step"]
         extra = {"train_config": dataclasses.asdict(config), "steps": step, "best_step": best_step}
         if config.train_mode == "lora":
             artefact = lora.save_adapter(model, run_dir / "adapter", extra_metadata=extra)
@@ -469,5 +469,5 @@ def fit(
     model.eval()
     return TrainResult(
         run_dir=run_dir, steps=step, history=history, artefact=artefact,
-        best_step=None if best is None else best["step"], stopped_early=stopped_early,
+        best_step=best_step, stopped_early=stopped_early,
     )  # fmt: skip
