@@ -1,7 +1,7 @@
 """Pretrain the classroom model: a small TripoSR trained from scratch on generated primitives.
 
-One command builds the data (4000 primitives, ~12 min) and trains (3600 steps, ~40 min on 2
-CPU cores), then picks the marching-cubes threshold on validation objects:
+One command builds the data (4000 primitives, ~4 min) and trains (4800 steps, ~43 min on 2
+CPU cores), then picks the marching-cubes threshold on validation objects (47.5 min in all):
 
     python pretrain.py                       # -> tsr/assets/classroom/ (the shipped model)
     python pretrain.py --objects 200 --steps 50 --out outputs/pretrain-smoke   # a quick look
@@ -11,6 +11,12 @@ The shipped model's recipe.json records the command, seeds, times and metrics of
 It uses the same `fit()` as LoRA fine-tuning, in full-weights mode, with one extra loss:
 occupancy, a BCE on points labelled inside/outside the ground-truth mesh, which puts the
 surface at `density_act = level` and so gives the model its own marching-cubes threshold.
+
+Geometry over colour in the budget: 512 rays and the occupancy BCE at weight 2 on all 2048
+points per object make a step 0.52 s instead of 0.66 s (1024 rays, weight 1, 1024 points), so
+4800 steps fit where 3600 did. On 60 held-out primitives that recipe's model had Chamfer-L1
+0.0627 and F@0.05 0.544; this one 0.0604 and 0.561 (paired -0.0023 +- 0.0009 and +0.017 +-
+0.008), with novel-view PSNR and mask IoU unchanged within noise.
 """
 
 from __future__ import annotations
@@ -67,9 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=5, help="views per object (view 0 = input)")
     parser.add_argument("--size", type=int, default=128, help="render size = cond image size")
     parser.add_argument("--occupancy-points", type=int, default=2048, help="labelled 3D points")
-    parser.add_argument("--steps", type=int, default=3600, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=4800, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=4, help="objects per step")
-    parser.add_argument("--rays", type=int, default=1024, help="rays per object and step")
+    parser.add_argument("--rays", type=int, default=512, help="rays per object and step")
+    parser.add_argument(
+        "--lambda-occupancy", type=float, default=2.0, help="weight of the occupancy BCE"
+    )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument(
         "--lr-scale-head", type=float, default=10.0, help="lr multiplier: decoder, upsampler"
@@ -111,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     train_config = TrainConfig(
         train_mode="full", batch_size=args.batch_size, rays_per_object=args.rays,
         max_steps=args.steps, lr=args.lr, lr_scale_head=args.lr_scale_head, warmup_fraction=0.03, min_lr_ratio=0.05,
-        lambda_mask=0.1, lambda_lpips=0.0, lambda_occupancy=1.0, occupancy_level=args.level,
+        lambda_mask=0.1, lambda_lpips=0.0, lambda_occupancy=args.lambda_occupancy, occupancy_level=args.level,
+        occupancy_points=args.occupancy_points,
         seed=args.seed, val_every=250, val_objects=16, checkpoint_every=250,
     )  # fmt: skip
     run_dir = Path("outputs") / f"pretrain-{args.out.name}"  # checkpoints, metrics.jsonl
