@@ -72,7 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objects", type=int, default=4000, help="generated primitives")
     parser.add_argument("--views", type=int, default=5, help="views per object (view 0 = input)")
     parser.add_argument("--size", type=int, default=128, help="render size = cond image size")
-    parser.add_argument("--occupancy-points", type=int, default=2048, help="labelled 3D points")
+    parser.add_argument(
+        "--occupancy-points",
+        type=int,
+        default=2048,
+        help="labelled 3D points built per object; each step draws as many (with replacement)",
+    )
     parser.add_argument("--steps", type=int, default=4800, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=4, help="objects per step")
     parser.add_argument("--rays", type=int, default=512, help="rays per object and step")
