@@ -12,7 +12,7 @@ It uses the same `fit()` as LoRA fine-tuning, in full-weights mode, with one ext
 occupancy, a BCE on points labelled inside/outside the ground-truth mesh, which puts the
 surface at `density_act = level` and so gives the model its own marching-cubes threshold.
 
-Geometry over colour in the budget: 512 rays and the occupancy BCE at weight 2 on all 2048
+Geometry over colour in the budget: 512 rays and the occupancy BCE at weight 2 on 2048
 points per object make a step 0.52 s instead of 0.66 s (1024 rays, weight 1, 1024 points), so
 4800 steps fit where 3600 did. On 60 held-out primitives that recipe's model had Chamfer-L1
 0.0627 and F@0.05 0.544; this one 0.0604 and 0.561 (paired -0.0023 +- 0.0009 and +0.017 +-
