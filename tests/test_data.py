@@ -339,6 +339,18 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     clear = np.abs(distance - 0.5) > 0.01  # tessellation moves the surface by < 0.01
     np.testing.assert_array_equal(samples["inside"][clear], distance[clear] < 0.5)
     assert 0.2 < samples["inside"].mean() < 0.8  # near-surface points on both sides
+    # signed distances: |p| - 0.5 up to the tessellation and the dense samples' spacing
+    sdf = samples["sdf"].astype(np.float32)
+    np.testing.assert_allclose(sdf, distance - 0.5, atol=0.01)
+    assert (np.sign(sdf[clear]) == np.where(samples["inside"][clear], -1, 1)).all()
+    # colours: the renderer's grey, shaded by the fixed lights, bright where the key light faces
+    from utils.render_views import GREY, LIGHTS
+
+    colour = samples["colour"].astype(np.float32) / 255
+    key = np.asarray(LIGHTS[0][0]) / np.linalg.norm(LIGHTS[0][0])
+    facing = points @ key / distance
+    assert np.allclose(colour[:, 0], colour[:, 1], atol=2 / 255)  # grey stays grey
+    assert colour[facing > 0.9, 0].mean() > GREY[0] * 0.85 > colour[facing < -0.9, 0].mean()
 
     from utils.build_dataset import prepare_dataset
 
@@ -347,3 +359,5 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     )
     item = MultiViewDataset(tmp_path / "set", "train", cond_size=32)[0]
     assert item["occupancy_points"].shape == (64, 3) and item["occupancy"].shape == (64,)
+    assert item["occupancy_sdf"].shape == (64,) and item["occupancy_colour"].shape == (64, 3)
+    assert ((item["occupancy_sdf"] < 0) == (item["occupancy"] > 0.5)).all()

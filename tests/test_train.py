@@ -398,7 +398,7 @@ def test_occupancy_loss_puts_the_surface_at_the_level():
     points = torch.rand(64, 3) * 1.6 - 0.8
     item = {"occupancy_points": points, "occupancy": (points.norm(dim=-1) < 0.5).float()}
     generator = torch.Generator().manual_seed(0)
-    loss = losses.occupancy_loss(model, code, item, 64, 2.0, generator)
+    loss = losses.occupancy_losses(model, code, item, 64, 2.0, generator)["occupancy"]
     chosen = torch.randint(64, (64,), generator=torch.Generator().manual_seed(0))
     density_act = model.renderer.query_triplane(model.decoder, points[chosen], code)["density_act"]
     logit = torch.log(density_act[:, 0] / 2.0)
@@ -406,3 +406,60 @@ def test_occupancy_loss_puts_the_surface_at_the_level():
     assert math.isclose(float(loss), float(expected), rel_tol=1e-5)
     loss.backward()
     assert model.decoder.layers[0].weight.grad.abs().sum() > 0
+
+
+def sphere_item(n_points: int = 256) -> dict:
+    """Labelled points of a sphere of radius 0.5 coloured (0.2, 0.4, 0.8) at the surface."""
+    points = torch.rand(n_points, 3, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    sdf = points.norm(dim=-1) - 0.5
+    return {
+        "occupancy_points": points, "occupancy": (sdf < 0).float(), "occupancy_sdf": sdf,
+        "occupancy_colour": torch.tensor([0.2, 0.4, 0.8]).expand(n_points, 3),
+    }  # fmt: skip
+
+
+def test_signed_distance_target_is_zero_at_the_surface_and_saturates_away_from_it():
+    model = TSR.from_config("tiny", seed=0)
+    code = model(torch.zeros(32, 32, 3))[0].detach()
+    item = sphere_item()
+    scale, level = 20.0, 2.0
+
+    def terms(generator_seed: int = 0) -> dict:
+        generator = torch.Generator().manual_seed(generator_seed)
+        return losses.occupancy_losses(
+            model, code, item, 256, level, generator, sdf_scale=scale, colour_band=0.05
+        )
+
+    terms_now = terms()
+    assert set(terms_now) == {"occupancy", "surface_colour"}
+    assert terms_now["occupancy"] > 0 and terms_now["surface_colour"] > 0
+    # fit the tiny decoder to the targets: both terms fall
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = sum(terms().values())
+        loss.backward()
+        optimizer.step()
+    terms_fitted = terms()
+    assert terms_fitted["occupancy"] < 0.5 * terms_now["occupancy"], (terms_now, terms_fitted)
+    assert terms_fitted["surface_colour"] < 0.2 * terms_now["surface_colour"]
+    # the fitted field crosses density_act = level at the sphere, and saturates (not beyond
+    # e^5 x level) away from it
+    with torch.no_grad():
+        decoded = model.renderer.query_triplane(model.decoder, item["occupancy_points"], code)
+    logit = torch.log(decoded["density_act"][:, 0] / level)
+    sdf = item["occupancy_sdf"]
+    clear = sdf.abs() > 0.1
+    assert ((logit[clear] > 0) == (sdf[clear] < 0)).float().mean() > 0.9
+    far = sdf.abs() > 0.3  # -scale * sdf beyond the clamp
+    assert abs(float(logit[far].abs().median()) - losses.SDF_LOGIT_CLAMP) < 1.5
+
+
+def test_training_on_3d_points_alone_needs_them(datasets, tmp_path):
+    model = TSR.from_config("tiny", seed=0)
+    config = quick_config(train_mode="full", rays_per_object=0, max_steps=1)
+    with pytest.raises(ValueError, match="lambda_occupancy > 0"):
+        fit(model, datasets["train"], config, output_dir=tmp_path / "a")
+    config = quick_config(train_mode="full", rays_per_object=0, lambda_occupancy=1.0, max_steps=1)
+    with pytest.raises(ValueError, match="--occupancy-points"):
+        fit(model, datasets["train"], config, output_dir=tmp_path / "b")

@@ -82,7 +82,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     Item: object_id; cond_image (S,S,3) in [0,1] from view 0 as at inference; supervision views
     rgb (V,H,W,3) on WHITE (the volume renderer's background), mask (V,H,W) = alpha, depth
-    (V,H,W) ray distance (0 = background), c2w (V,4,4), fovy_deg, view_indices (V,).
+    (V,H,W) ray distance (0 = background), c2w (V,4,4), fovy_deg, view_indices (V,); with
+    occupancy samples also occupancy_points (N,3), occupancy (N,) 1 inside, occupancy_sdf (N,)
+    and occupancy_colour (N,3) in [0,1].
     Supervision views always start with view 0. With `n_supervision_views`, train draws the
     others from (seed, epoch, index) (call `set_epoch`), val/test take evenly spaced ones.
     """
@@ -151,6 +153,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
             with np.load(object_dir / "occupancy.npz") as occupancy:
                 item["occupancy_points"] = torch.from_numpy(occupancy["points"].astype(np.float32))
                 item["occupancy"] = torch.from_numpy(occupancy["inside"].astype(np.float32))
+                if "sdf" in occupancy:  # datasets built before signed distances lack them
+                    item["occupancy_sdf"] = torch.from_numpy(occupancy["sdf"].astype(np.float32))
+                    item["occupancy_colour"] = torch.from_numpy(occupancy["colour"]).float() / 255
         return item
 
 

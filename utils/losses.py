@@ -1,5 +1,6 @@
 """What training measures: losses on rendered rays (RGB MSE, mask BCE, LPIPS on patches,
-depth L1) and the validation metrics (novel-view PSNR, mask IoU) of `validate`.
+depth L1), losses on labelled 3D points (occupancy, surface colour), and the validation
+metrics (novel-view PSNR, mask IoU) of `validate`.
 
 Targets follow the renderer: colours are composited on white (as `render_rays` composites),
 masks are the object's coverage, depth is the distance along the unit ray (0 = miss).
@@ -102,23 +103,46 @@ def render_loss(
     return {"loss": total, **{f"loss_{name}": value.detach() for name, value in terms.items()}}
 
 
-def occupancy_loss(
-    model, scene_code: torch.Tensor, item: dict, n_points: int, level: float, generator
-) -> torch.Tensor:
-    """BCE of "density_act > level" against inside/outside labels of 3D points.
+SDF_LOGIT_CLAMP = 5.0  # |logit| the signed-distance target saturates at: density_act x/÷ e^5
 
-    The logit is log(density_act / level), so the loss puts the surface exactly at
-    density_act = level: the marching-cubes threshold becomes a property of the training.
-    item: occupancy_points (N, 3), occupancy (N,) from a dataset built with occupancy points.
+
+def occupancy_losses(
+    model, scene_code: torch.Tensor, item: dict, n_points: int, level: float, generator,
+    sdf_scale: float = 0.0, colour_band: float = 0.0,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """3D supervision at `n_points` of the item's labelled points (drawn with replacement).
+
+    occupancy: the logit is log(density_act / level), so the surface lies exactly at
+    density_act = level and the marching-cubes threshold becomes a property of the training.
+    With sdf_scale = 0 it is a BCE against the inside/outside labels; with sdf_scale > 0 a
+    smooth L1 against clamp(-sdf_scale * signed distance, ±SDF_LOGIT_CLAMP): a point 0.01
+    outside and one 0.3 outside then ask for different things, not both for "outside".
+    surface_colour (colour_band > 0, items with colours): MSE between the decoded colour and
+    the rendered colour of the nearest surface point, at points within colour_band of it,
+    where volume rendering takes its colour from.
+    item: occupancy_points (N, 3), occupancy (N,), optionally occupancy_sdf (N,) and
+    occupancy_colour (N, 3), as `MultiViewDataset` reads them. -> {"occupancy"[, "surface_colour"]}
     """
-    points, inside = item["occupancy_points"], item["occupancy"]
+    points = item["occupancy_points"]
     chosen = torch.randint(len(points), (min(n_points, len(points)),), generator=generator)
     device = scene_code.device
     decoded = model.renderer.query_triplane(model.decoder, points[chosen].to(device), scene_code)
+    terms = {}
     with torch.autocast(device.type, enabled=False):
         logit = decoded["density"][:, 0].float() + model.renderer.config.density_bias
         logit = logit - math.log(level)
-        return F.binary_cross_entropy_with_logits(logit, inside[chosen].to(device).float())
+        if sdf_scale > 0:
+            sdf = item["occupancy_sdf"][chosen].to(device)
+            target = (-sdf_scale * sdf).clamp(-SDF_LOGIT_CLAMP, SDF_LOGIT_CLAMP)
+            terms["occupancy"] = F.smooth_l1_loss(logit, target)
+        else:
+            inside = item["occupancy"][chosen].to(device).float()
+            terms["occupancy"] = F.binary_cross_entropy_with_logits(logit, inside)
+        if colour_band > 0 and "occupancy_colour" in item:
+            near = (item["occupancy_sdf"][chosen].abs() < colour_band).to(device)
+            error = (decoded["color"].float() - item["occupancy_colour"][chosen].to(device)) ** 2
+            terms["surface_colour"] = error[near].mean() if near.any() else error.sum() * 0
+    return terms
 
 
 def _novel_views(item: dict) -> list[int]:

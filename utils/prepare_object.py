@@ -24,16 +24,18 @@ import numpy as np
 import torch
 import trimesh
 from PIL import Image
+from scipy.spatial import cKDTree
 
 from tsr.cameras import focal_length, look_at, orbit_cameras, orbit_positions
 
-from .render_views import DEPTH_BACKGROUND, render_views
+from .render_views import DEPTH_BACKGROUND, Shader, render_views
 
 FOVY_DEG = 40.0  # TripoSR's render and conditioning field of view
 DISTANCE = 1.9  # TripoSR's camera distance
 FOREGROUND_RATIO = 0.85  # run.py's resize_foreground ratio
 CUBE_RADIUS = 0.87 * (1 - 1e-3)  # the volume renderer's (shrunk) bounding cube
 MESH_SUFFIXES = (".obj", ".glb", ".ply", ".stl")
+DENSE_SURFACE_SAMPLES = 50_000  # surface samples the occupancy points' distances are taken to
 # y-up files (glTF's convention, pyrender's scenes) -> our z-up world: y becomes z, and the
 # y-up "front" (+z, where a y-up front camera sits) becomes +x, where our view 0 sits.
 Y_UP_TO_Z_UP = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -242,8 +244,12 @@ def occupancy_samples(
 ) -> dict[str, np.ndarray]:
     """Points with inside/outside labels: half within ~0.02 of the surface (where the
     marching-cubes level set must fall), a quarter within ~0.08, a quarter anywhere in the cube.
+    Each also gets its signed distance to the surface and the colour the renderer shows at the
+    nearest surface point (shaded, as seen from outside): a label for every point, not only a
+    side, and colour supervision in 3D, where rays would mostly see background.
 
-    -> points (N, 3) float16, inside (N,) bool
+    -> points (N, 3) float16, inside (N,) bool, sdf (N,) float16 (negative inside),
+       colour (N, 3) uint8
     """
     n_near, n_wide = n_points // 2, n_points // 4
     n_uniform = n_points - n_near - n_wide
@@ -253,7 +259,21 @@ def occupancy_samples(
     noise[n_near:] *= 0.08
     uniform = rng.uniform(-CUBE_RADIUS, CUBE_RADIUS, size=(n_uniform, 3))
     points = np.clip(np.concatenate([surface + noise, uniform]), -CUBE_RADIUS, CUBE_RADIUS)
-    return {"points": points.astype(np.float16), "inside": mesh.contains(points)}
+    points = points.astype(np.float16).astype(np.float64)  # label the points as stored
+    inside = mesh.contains(points)
+
+    # Nearest of dense surface samples: distances within ~0.002 of exact at a tenth of the
+    # cost of trimesh's closest_point (0.3 s for a 5k-face mesh)
+    dense, dense_faces = trimesh.sample.sample_surface(mesh, DENSE_SURFACE_SAMPLES, seed=rng)
+    distance, nearest = cKDTree(dense).query(points)
+    faces = dense_faces[nearest]
+    colour = Shader(mesh).shade(faces, dense[nearest], -mesh.face_normals[faces])
+    return {
+        "points": points.astype(np.float16),
+        "inside": inside,
+        "sdf": np.where(inside, -distance, distance).astype(np.float16),
+        "colour": np.round(colour * 255).astype(np.uint8),
+    }
 
 
 def _write_object_atomically(

@@ -18,6 +18,8 @@ odd n x n grid; the odd grid contains the pixel centre, so alpha > 0 wherever th
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import trimesh
@@ -85,14 +87,18 @@ def base_colours(
     return np.broadcast_to(GREY, (len(face_index), 3))
 
 
-class _Shader:
-    """Casts rays against one mesh and shades the hits."""
+class Shader:
+    """Casts rays against one mesh and shades the hits; `shade` also serves points that were
+    not found by a ray (occupancy samples' colours)."""
 
     def __init__(self, mesh: trimesh.Trimesh):
         self.mesh = mesh
-        self.intersector = RayMeshIntersector(mesh)
         self.corner_normals = crease_normals(mesh)  # (F, 3, 3)
         self.lights = [(np.asarray(d) / np.linalg.norm(d), i) for d, i in LIGHTS]
+
+    @functools.cached_property
+    def intersector(self) -> RayMeshIntersector:
+        return RayMeshIntersector(self.mesh)
 
     def cast(
         self, origins: np.ndarray, directions: np.ndarray
@@ -107,12 +113,14 @@ class _Shader:
         distance[ray_index] = np.linalg.norm(points - origins[ray_index], axis=-1)
         colour = np.zeros((len(origins), 3))
         if len(ray_index):
-            colour[ray_index] = self._shade(face_index, points, directions[ray_index])
+            colour[ray_index] = self.shade(face_index, points, directions[ray_index])
         return hit, distance, colour
 
-    def _shade(
+    def shade(
         self, face_index: np.ndarray, points: np.ndarray, directions: np.ndarray
     ) -> np.ndarray:
+        """Colours (N, 3) in [0, 1] of surface points on faces `face_index`, seen along
+        `directions` (N, 3) (the side facing against them is lit)."""
         barycentric = trimesh.triangles.points_to_barycentric(
             self.mesh.triangles[face_index], points
         )
@@ -147,7 +155,7 @@ def render_views(
         )
     c2w = torch.as_tensor(np.asarray(c2w), dtype=torch.float32)
     n_views = c2w.shape[0]
-    shader = _Shader(mesh)
+    shader = Shader(mesh)
     rays_o, rays_d = rays_from_c2w(c2w, size, size, fovy_deg)  # (V, H, W, 3) each
     hit, depth, colour = shader.cast(
         rays_o.reshape(-1, 3).double().numpy(), rays_d.reshape(-1, 3).double().numpy()

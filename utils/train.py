@@ -36,7 +36,7 @@ from .checkpoint import (
     trainable_state,
 )
 from .data import sample_patches, sample_rays
-from .losses import load_lpips, occupancy_loss, render_loss, validate
+from .losses import load_lpips, occupancy_losses, render_loss, validate
 from .plots import plot_loss_curves
 
 
@@ -47,7 +47,9 @@ class TrainConfig:
     batch_size: int = 1  # objects per micro-batch and process (the course CLI's --batch_size)
     grad_accum_steps: int = 1  # micro-batches per optimiser step: a bigger batch, same memory
     sampling: str = "rays"  # "rays": random pixels; "patches": S x S crops (LPIPS needs them)
-    rays_per_object: int = 1024  # supervised rays per object and micro-batch, over its views
+    # supervised rays per object and micro-batch, over its views; 0: no rendering in training
+    # (3D losses only, lambda_occupancy > 0), as pretrain.py trains
+    rays_per_object: int = 1024
     patch_size: int = 32  # S in patch mode; rays_per_object // S^2 patches per object (>= 1)
     object_bias: float = 0.75  # share of patches centred on the object, not on empty sky
     # ---- optimisation
@@ -71,6 +73,12 @@ class TrainConfig:
     lambda_occupancy: float = 0.0
     occupancy_level: float = 10.0  # the density_act the occupancy loss puts at the surface
     occupancy_points: int = 1024  # labelled points per object and micro-batch
+    # > 0: regress the density logit to -scale x signed distance (clamped) instead of a BCE on
+    # the side: a distance for every point (datasets with signed distances)
+    occupancy_sdf_scale: float = 0.0
+    # MSE of the decoded colour against the surface colour, at labelled points within 0.05 of
+    # the surface: colour in 3D at no extra queries, where rays mostly see background
+    lambda_surface_colour: float = 0.0
     # ---- memory and precision
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA (fp32 weights), "no": fp32
     grad_checkpointing: bool | None = None  # None: on for >= 16 backbone blocks (full size)
@@ -109,6 +117,7 @@ class TrainResult:
 
 
 _HIGHER_IS_BETTER = {"val_psnr", "val_mask_iou"}
+SURFACE_BAND = 0.05  # labelled points this close to the surface supervise its colour
 
 
 def _is_better(value: float, best: dict | None, metric: str) -> bool:
@@ -159,6 +168,24 @@ def _supervision(item: dict, config: TrainConfig, generator: torch.Generator) ->
             item, n_patches, config.patch_size, generator, object_bias=config.object_bias
         )
     raise ValueError(f"sampling must be 'rays' or 'patches', not {config.sampling!r}")
+
+
+def _check_supervision(item: dict, config: TrainConfig) -> None:
+    """Fail before step 1 when the losses asked for need data the dataset does not have."""
+    if config.rays_per_object == 0 and config.lambda_occupancy <= 0:
+        raise ValueError("rays_per_object=0 trains on 3D points only: set lambda_occupancy > 0")
+    wants_points = config.lambda_occupancy > 0 or config.rays_per_object == 0
+    if wants_points and "occupancy_points" not in item:
+        raise ValueError(
+            "the occupancy loss (or rays_per_object=0) needs labelled 3D points: build the "
+            "dataset with --occupancy-points, or set lambda_occupancy=0 and rays_per_object > 0"
+        )
+    wants_distances = config.occupancy_sdf_scale > 0 or config.lambda_surface_colour > 0
+    if wants_points and wants_distances and "occupancy_sdf" not in item:
+        raise ValueError(
+            "occupancy_sdf_scale and lambda_surface_colour need signed distances and colours "
+            "in occupancy.npz: rebuild the dataset with prepare_data.py --force"
+        )
 
 
 def _trainable_parameters(model: TSR, mode: str) -> list[torch.nn.Parameter]:
@@ -255,6 +282,7 @@ def fit(
     n_objects = len(train_dataset)
     if n_objects == 0:
         raise ValueError("the training dataset is empty: check --input_folder and its split.json")
+    _check_supervision(train_dataset[0], config)
     steps_per_epoch = math.ceil(n_objects / (config.batch_size * world * config.grad_accum_steps))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
@@ -383,17 +411,25 @@ def fit(
                 scene_codes = model.encode(cond)  # (B, 3, C, 2P, 2P)
                 losses = []
                 for scene_code, item in zip(scene_codes, items, strict=True):
-                    target = _supervision(item, config, data_generator)
-                    target = {k: v.to(device) for k, v in target.items()}
-                    rendered = model.render_rays(scene_code, target["rays_o"], target["rays_d"])
-                    terms = render_loss(rendered, target, weights, lpips_network)
+                    terms = {"loss": scene_code.new_zeros((), dtype=torch.float32)}
+                    if config.rays_per_object > 0:
+                        target = _supervision(item, config, data_generator)
+                        target = {k: v.to(device) for k, v in target.items()}
+                        rendered = model.render_rays(scene_code, target["rays_o"], target["rays_d"])
+                        terms = render_loss(rendered, target, weights, lpips_network)
                     if config.lambda_occupancy > 0 and "occupancy_points" in item:
-                        occupancy = occupancy_loss(
+                        points = occupancy_losses(
                             model, scene_code, item, config.occupancy_points,
-                            config.occupancy_level, data_generator,
+                            config.occupancy_level, data_generator, config.occupancy_sdf_scale,
+                            SURFACE_BAND if config.lambda_surface_colour > 0 else 0.0,
                         )  # fmt: skip
-                        terms["loss"] = terms["loss"] + config.lambda_occupancy * occupancy
-                        terms["loss_occupancy"] = occupancy.detach()
+                        terms["loss"] = (
+                            terms["loss"] + config.lambda_occupancy * points["occupancy"]
+                        )
+                        if "surface_colour" in points:
+                            colour = config.lambda_surface_colour * points["surface_colour"]
+                            terms["loss"] = terms["loss"] + colour
+                        terms.update({f"loss_{k}": v.detach() for k, v in points.items()})
                     losses.append(terms)
             loss = torch.stack([terms["loss"] for terms in losses]).mean()
             (loss / config.grad_accum_steps).backward()
