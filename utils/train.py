@@ -47,9 +47,8 @@ class TrainConfig:
     batch_size: int = 1  # objects per micro-batch and process (the course CLI's --batch_size)
     grad_accum_steps: int = 1  # micro-batches per optimiser step: a bigger batch, same memory
     sampling: str = "rays"  # "rays": random pixels; "patches": S x S crops (LPIPS needs them)
-    # supervised rays per object and micro-batch, over its views; 0: no rendering in training
-    # (3D losses only, lambda_occupancy > 0), as pretrain.py trains
-    rays_per_object: int = 1024
+    # 0: no volume rendering in training, 3D losses only (lambda_occupancy > 0)
+    rays_per_object: int = 1024  # supervised rays per object and micro-batch, over its views
     patch_size: int = 32  # S in patch mode; rays_per_object // S^2 patches per object (>= 1)
     object_bias: float = 0.75  # share of patches centred on the object, not on empty sky
     # ---- optimisation
@@ -70,15 +69,14 @@ class TrainConfig:
     lambda_depth: float = 0.0  # L1 on ray depth where the object is hit; optional
     # BCE on 3D points labelled inside/outside (datasets built with --occupancy-points):
     # direct geometry supervision, used to pretrain the classroom model
-    lambda_occupancy: float = 0.0
+    lambda_occupancy: float = 0.0  # weight of the loss on labelled 3D points
     occupancy_level: float = 10.0  # the density_act the occupancy loss puts at the surface
     occupancy_points: int = 1024  # labelled points per object and micro-batch
-    # > 0: regress the density logit to -scale x signed distance (clamped) instead of a BCE on
-    # the side: a distance for every point (datasets with signed distances)
-    occupancy_sdf_scale: float = 0.0
-    # MSE of the decoded colour against the surface colour, at labelled points within 0.05 of
-    # the surface: colour in 3D at no extra queries, where rays mostly see background
-    lambda_surface_colour: float = 0.0
+    # Instead of a BCE on the side, regress the density logit to -scale x signed distance
+    # (clamped): every point then also says how far it is (datasets with signed distances)
+    occupancy_sdf_scale: float = 0.0  # > 0: occupancy target -scale x signed distance
+    # Colour in 3D at points already decoded for occupancy, where rays mostly see background
+    lambda_surface_colour: float = 0.0  # MSE of decoded vs surface colour, points near it
     # ---- memory and precision
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA (fp32 weights), "no": fp32
     grad_checkpointing: bool | None = None  # None: on for >= 16 backbone blocks (full size)
@@ -282,7 +280,9 @@ def fit(
     n_objects = len(train_dataset)
     if n_objects == 0:
         raise ValueError("the training dataset is empty: check --input_folder and its split.json")
-    _check_supervision(train_dataset[0], config)
+    # on an object this rank trains on anyway, so sharding stays exact (each rank loads its own)
+    first_object = _objects_for(0, n_objects, config, rank, world)[1][0]
+    _check_supervision(train_dataset[first_object], config)
     steps_per_epoch = math.ceil(n_objects / (config.batch_size * world * config.grad_accum_steps))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
