@@ -35,7 +35,7 @@ DISTANCE = 1.9  # TripoSR's camera distance
 FOREGROUND_RATIO = 0.85  # run.py's resize_foreground ratio
 CUBE_RADIUS = 0.87 * (1 - 1e-3)  # the volume renderer's (shrunk) bounding cube
 MESH_SUFFIXES = (".obj", ".glb", ".ply", ".stl")
-DENSE_SURFACE_SAMPLES = 50_000  # surface samples the occupancy points' distances are taken to
+DENSE_SURFACE_SAMPLES = 20_000  # surface samples the occupancy points' distances are taken to
 # y-up files (glTF's convention, pyrender's scenes) -> our z-up world: y becomes z, and the
 # y-up "front" (+z, where a y-up front camera sits) becomes +x, where our view 0 sits.
 Y_UP_TO_Z_UP = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -262,8 +262,9 @@ def occupancy_samples(
     points = points.astype(np.float16).astype(np.float64)  # label the points as stored
     inside = mesh.contains(points)
 
-    # Nearest of dense surface samples: distances within ~0.002 of exact at a tenth of the
-    # cost of trimesh's closest_point (0.3 s for a 5k-face mesh)
+    # Nearest of dense surface samples rather than trimesh's exact closest_point (0.3 s for a
+    # 5k-face mesh): within 0.002 of exact on average near the surface, 0.01 at the 99th
+    # percentile (12 primitives), for ~10 ms
     dense, dense_faces = trimesh.sample.sample_surface(mesh, DENSE_SURFACE_SAMPLES, seed=rng)
     distance, nearest = cKDTree(dense).query(points)
     faces = dense_faces[nearest]
