@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,14 +16,15 @@ from tsr.model import TSR
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pretrain import CLASSROOM_CONFIG, init_for_pretraining  # noqa: E402
+from utils.prepare_object import DISTANCE, FOVY_DEG  # noqa: E402
 
 
 def test_init_makes_image_positions_loud_and_cross_attention_sharp():
     plain = TSR.from_config(CLASSROOM_CONFIG, seed=0)
     changed = TSR.from_config(CLASSROOM_CONFIG, seed=0)
-    init_for_pretraining(changed, cross_attention_gain=4.0, position_std=1.0)
+    init_for_pretraining(changed, cross_attention_gain=4.0, position_std=1.0, geometric_heads=0)
     positions = changed.image_tokenizer.model.embeddings.position_embeddings
-    assert 0.9 < float(positions.std()) < 1.1
+    assert 0.9 < float(positions.detach().std()) < 1.1
     for before, after in zip(
         plain.backbone.transformer_blocks, changed.backbone.transformer_blocks, strict=True
     ):
@@ -32,6 +34,67 @@ def test_init_makes_image_positions_loud_and_cross_attention_sharp():
             )
         torch.testing.assert_close(after.attn2.to_v.weight, before.attn2.to_v.weight)
         torch.testing.assert_close(after.attn1.to_q.weight, before.attn1.to_q.weight)
+
+
+def _cross_attention_maps(model: TSR, image: torch.Tensor) -> list[torch.Tensor]:
+    """Softmax attention of every cross-attention block -> [(heads, triplane tokens, patches)]."""
+    inputs = []
+    hooks = [
+        block.attn2.register_forward_pre_hook(lambda module, args: inputs.append((module, args)))
+        for block in model.backbone.transformer_blocks
+    ]
+    with torch.no_grad():
+        model.encode(image)
+        maps = []
+        for module, (hidden, context) in inputs:
+            q = module.to_q(hidden)[0].unflatten(-1, (module.heads, -1)).transpose(0, 1)
+            k = module.to_k(context)[0].unflatten(-1, (module.heads, -1)).transpose(0, 1)
+            maps.append(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1))
+    for hook in hooks:
+        hook.remove()
+    return maps
+
+
+def _mass_on_own_patch(attention: torch.Tensor, plane_size: int, grid: int) -> torch.Tensor:
+    """Per head: mean attention of (y, z)-plane cells on the 3x3 patches around the patch the
+    cell's centre projects to in the input view. attention (heads, 3*P*P, 1 + g*g) -> (heads,)"""
+    centres = 0.87 * ((2 * torch.arange(plane_size) + 1) / plane_size - 1)  # world y or z
+    to_image = 1 / (math.tan(math.radians(FOVY_DEG) / 2) * DISTANCE)
+    column = ((centres * to_image + 1) / 2 * grid).floor().clamp(0, grid - 1).long()
+    row = ((-centres * to_image + 1) / 2 * grid).floor().clamp(0, grid - 1).long()  # +z is up
+    patches = attention[:, 2 * plane_size**2 :, 1:].unflatten(-1, (grid, grid))  # (y,z) plane
+    mass = torch.zeros(attention.shape[0])
+    for h in range(plane_size):  # plane rows follow z, columns y
+        for w in range(plane_size):
+            r, c = int(row[h]), int(column[w])
+            cell = patches[:, h * plane_size + w]
+            mass += cell[:, max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].sum((-1, -2))
+    return mass / plane_size**2
+
+
+def test_geometric_heads_look_up_the_patch_each_triplane_cell_projects_to():
+    plain = TSR.from_config(CLASSROOM_CONFIG, seed=0)
+    init_for_pretraining(plain, cross_attention_gain=4.0, position_std=1.0, geometric_heads=0)
+    geometric = TSR.from_config(CLASSROOM_CONFIG, seed=0)
+    init_for_pretraining(geometric, cross_attention_gain=4.0, position_std=1.0, geometric_heads=2)
+    size = plain.config.cond_image_size
+    image = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
+    plane_size = plain.tokenizer.plane_size
+    grid = size // plain.config.image_tokenizer.vit["patch_size"]  # patches per side
+    uniform = 9 / grid**2  # 3x3 of the patches
+    for before, after in zip(
+        _cross_attention_maps(plain, image), _cross_attention_maps(geometric, image), strict=True
+    ):
+        plain_mass = _mass_on_own_patch(before, plane_size, grid)
+        geometric_mass = _mass_on_own_patch(after, plane_size, grid)
+        assert (plain_mass < 2 * uniform).all(), plain_mass  # random init: no idea where to look
+        assert (geometric_mass[:2] > 2.5 * uniform).all(), geometric_mass
+    for before, after in zip(
+        plain.backbone.transformer_blocks, geometric.backbone.transformer_blocks, strict=True
+    ):  # the other heads keep their content-based query weights
+        head_dim = before.attn2.to_q.weight.shape[0] // before.attn2.heads
+        rows = slice(2 * head_dim, None)
+        torch.testing.assert_close(after.attn2.to_q.weight[rows], before.attn2.to_q.weight[rows])
 
 
 def test_one_command_builds_data_trains_and_ships_a_loadable_model(tmp_path):
@@ -55,3 +118,15 @@ def test_one_command_builds_data_trains_and_ships_a_loadable_model(tmp_path):
     model = TSR.from_pretrained(folder)
     assert model.config.mc_threshold == recipe["mc_threshold"]
     assert (tmp_path / "outputs" / "pretrain-model" / "metrics.jsonl").is_file()
+
+    # interrupted? --resume continues from the last checkpoint and keeps the built data
+    resumed = subprocess.run(
+        [*command, "--steps", "3", "--resume"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["resumed"] and recipe["steps"] == 3 and recipe["data"]["already_built"] == 10
+    records = (tmp_path / "outputs" / "pretrain-model" / "metrics.jsonl").read_text().splitlines()
+    train_steps = [json.loads(r)["step"] for r in records if "lr" in json.loads(r)]
+    assert train_steps == [1, 2, 3]  # steps 1-2 kept, only step 3 trained again
