@@ -37,7 +37,7 @@ from .data import MultiViewDataset, prepare_dataset
 from .plots import comparison_grid, figure_png
 
 # Notebook 01's dataset: the family the LoRA story adapts the classroom model to (it was
-# pretrained on primitives only), with occupancy points for the occupancy loss; ~3 min.
+# pretrained on primitives only), with occupancy points for the 3D losses; ~1 min.
 WORKBOOK_DATASET = {"families": ("parts",), "n_objects": 600, "n_views": 5, "size": 128,
                     "seed": 1, "occupancy_points": 2048}  # fmt: skip
 # Notebook 03's LoRA recipe for parts on the classroom model (measured: README, "The
@@ -76,7 +76,7 @@ def seed_everything(seed: int = 0) -> None:
 
 def ensure_dataset(root: str | Path, smoke: bool = False) -> Path:
     """`root` as it is when it holds a dataset (split.json); otherwise build one there first:
-    notebook 01's (WORKBOOK_DATASET, ~3 min on 2 cores) or the SMOKE set."""
+    notebook 01's (WORKBOOK_DATASET, ~1 min on 2 cores) or the SMOKE set."""
     root = Path(root)
     if not (root / "split.json").is_file():
         print(f"no dataset in {root} yet (notebook 01 builds it): building it now")
