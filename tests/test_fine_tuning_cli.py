@@ -110,6 +110,8 @@ def test_full_training_with_patches_saves_a_model(lora_run, tmp_path):
         "--input_folder", str(lora_run["data"]), "--output_dir", str(tmp_path), "--full",
         "--run_name", "full", "--max_steps", "2", "--patch", "8", "--views", "3",
         "--val_every", "0", "--progress", "false",
+        # the last weights, trained: 2 steps may well not beat the base at step 0
+        "--restore_best", "false",
     ])  # fmt: skip
     resolved = json.loads((run_dir / "config.json").read_text())
     assert (resolved["train_mode"], resolved["sampling"], resolved["patch_size"]) == (
