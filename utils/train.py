@@ -67,8 +67,8 @@ class TrainConfig:
     lambda_mask: float = 0.05  # BCE of rendered opacity against the object mask
     lambda_lpips: float = 2.0  # LPIPS(VGG) on patches; off when lpips or its weights are absent
     lambda_depth: float = 0.0  # L1 on ray depth where the object is hit; optional
-    # BCE on 3D points labelled inside/outside (datasets built with --occupancy-points):
-    # direct geometry supervision, used to pretrain the classroom model
+    # A loss on 3D points labelled inside/outside (datasets built with --occupancy-points):
+    # direct geometry supervision, the classroom model's main pretraining loss
     lambda_occupancy: float = 0.0  # weight of the loss on labelled 3D points
     occupancy_level: float = 10.0  # the density_act the occupancy loss puts at the surface
     occupancy_points: int = 1024  # labelled points per object and micro-batch
