@@ -42,6 +42,7 @@ import os
 import platform
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -308,7 +309,6 @@ def main(argv: list[str] | None = None) -> None:
         train_process(0, args, 0)
     train_seconds = time.perf_counter() - train_started
     model = TSR.from_pretrained(run_dir / "model")
-    model.source = "classroom (pretrain.py)"
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     # ---- the model's own marching-cubes threshold, chosen on validation objects
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "model.ckpt").unlink(missing_ok=True)
     shutil.copy(run_dir / "loss.png", args.out / "loss.png")
     recipe = {
-        "command": "python pretrain.py " + " ".join(argv or []),
+        "command": " ".join(["python pretrain.py", *(sys.argv[1:] if argv is None else argv)]),
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "train_config": dataclasses.asdict(train_config_for(args)),
         "data": {k: v for k, v in data_summary.items() if k != "skipped"},
