@@ -49,6 +49,7 @@ def test_sphere_baseline_agrees_with_the_dataset_cameras(ball_dataset):
     assert 0.4 < record["radius"] < 0.7 and record["f@0.05"] > 0.99
     # the analytic sphere render overlaps the dataset's masks: cameras and pixels agree
     assert record["mask_iou"] > 0.9
+    assert record["colour_error"] < 0.05  # the ball's own mean colour
 
 
 def test_evaluate_model_records_meshes_and_scores(shapes_dataset, tmp_path):
@@ -63,7 +64,7 @@ def test_evaluate_model_records_meshes_and_scores(shapes_dataset, tmp_path):
         assert record["n_novel_views"] == 2 and not record["empty"]
         assert 0 <= record["f@0.05"] <= record["f@0.1"] <= 1
         assert record["chamfer_l1"] > 0 and math.isfinite(record["psnr"])
-        assert 0 <= record["mask_iou"] <= 1
+        assert 0 <= record["mask_iou"] <= 1 and 0 <= record["colour_error"] <= 2
         saved = trimesh.load(record["mesh"], force="mesh")
         assert len(saved.faces) == record["n_faces"] > 0
 

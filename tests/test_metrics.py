@@ -11,6 +11,7 @@ import trimesh
 
 from utils.metrics import (
     chamfer_l1,
+    chromaticity_error,
     course_normalise,
     f_score,
     mask_iou,
@@ -104,3 +105,17 @@ def test_image_metrics():
     opacity = torch.zeros(8, 8, 1)
     opacity[:, :4] = 0.9  # left half: the overlap is a quarter, the union three quarters
     assert float(mask_iou(opacity, mask)) == pytest.approx(1 / 3)
+
+
+def test_chromaticity_error_sees_hue_not_brightness():
+    red = torch.tensor([0.8, 0.2, 0.2]).expand(8, 8, 3)
+    mask = torch.zeros(8, 8)
+    mask[2:6, 2:6] = 1
+    assert float(chromaticity_error(0.5 * red, red, mask)) == pytest.approx(0.0, abs=1e-6)
+    grey = torch.full((8, 8, 3), 0.4)
+    # red's chromaticity is (2/3, 1/6, 1/6), grey's (1/3, 1/3, 1/3): L1 distance 2/3
+    assert float(chromaticity_error(grey, red, mask)) == pytest.approx(2 / 3, abs=1e-5)
+    wrong_outside = red.clone()
+    wrong_outside[0] = torch.tensor([0.0, 0.0, 1.0])  # off the object: not counted
+    assert float(chromaticity_error(wrong_outside, red, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(float(chromaticity_error(grey, red, torch.zeros(8, 8))))

@@ -25,6 +25,7 @@ from tsr.model import TSR
 from .data import MultiViewDataset, load_mesh
 from .metrics import (
     N_SURFACE_POINTS,
+    chromaticity_error,
     mask_iou,
     mesh_metrics,
     paired_difference,
@@ -41,12 +42,13 @@ METRICS = {
     "f@0.1": ("F@0.1", "higher"),
     "psnr": ("novel-view PSNR (dB)", "higher"),
     "mask_iou": ("mask IoU", "higher"),
+    "colour_error": ("colour error", "lower"),
     "course_chamfer": ("course Chamfer", "lower"),
     "course_f@0.1": ("course F@0.1", "higher"),
     "course_f@0.2": ("course F@0.2", "higher"),
     "course_f@0.5": ("course F@0.5", "higher"),
 }
-PLOTTED = ("chamfer_l1", "f@0.05", "f@0.1", "psnr", "mask_iou")
+PLOTTED = ("chamfer_l1", "f@0.05", "f@0.1", "psnr", "mask_iou", "colour_error")
 RAY_CHUNK = 16384  # rays per render_rays call: bounds memory at any image size
 
 
@@ -80,21 +82,18 @@ def render_view(model: TSR, scene_code: torch.Tensor, item: dict, view: int) -> 
 
 
 def _image_scores(rendered: list[dict], item: dict, views: list[int]) -> dict[str, float]:
-    """Mean PSNR and mask IoU over the novel views (NaN without any)."""
-    if not views:
-        return {"psnr": math.nan, "mask_iou": math.nan}
+    """Mean PSNR, mask IoU and colour (chromaticity) error over the novel views (NaN without
+    any)."""
+    scores = {
+        "psnr": lambda r, v: psnr(r["rgb"], item["rgb"][v]),
+        "mask_iou": lambda r, v: mask_iou(r["opacity"], item["mask"][v]),
+        "colour_error": lambda r, v: chromaticity_error(r["rgb"], item["rgb"][v], item["mask"][v]),
+    }
     return {
-        "psnr": float(
-            np.mean([psnr(r["rgb"], item["rgb"][v]) for r, v in zip(rendered, views, strict=True)])
-        ),
-        "mask_iou": float(
-            np.mean(
-                [
-                    mask_iou(r["opacity"], item["mask"][v])
-                    for r, v in zip(rendered, views, strict=True)
-                ]
-            )
-        ),
+        name: float(np.mean([score(r, v) for r, v in zip(rendered, views, strict=True)]))
+        if views
+        else math.nan
+        for name, score in scores.items()
     }
 
 
@@ -110,8 +109,8 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     name: str = "model",
 ) -> list[dict]:
-    """One record per object: mesh metrics (world frame and course variant), novel-view PSNR
-    and mask IoU on the dataset's cameras, mesh size and time. Meshes go to mesh_dir as .obj.
+    """One record per object: mesh metrics (world frame and course variant), novel-view PSNR,
+    mask IoU and colour error on the dataset's cameras, mesh size and time. Meshes go to mesh_dir as .obj.
 
     threshold None uses the model config's marching-cubes level.
     """
@@ -249,7 +248,9 @@ def markdown_report(summary: dict, settings: dict | None = None) -> str:
         "",
         "Chamfer-L1 = ½(mean nearest-neighbour distance predicted→truth + truth→predicted) on "
         "surface points (10,000 unless the settings say otherwise) in the shared world frame; "
-        "F@τ on the same points. 'course' columns normalise each cloud by itself (centroid, "
+        "F@τ on the same points. Colour error: mean L1 between the chromaticities "
+        "rgb / (r + g + b) of render and truth on the true object's pixels of the novel "
+        "views (hue, not brightness). 'course' columns normalise each cloud by itself (centroid, "
         "max |coordinate|) as the course project did, which hides scale and offset errors. The "
         "sphere is the best origin-centred sphere per object, in its mean view-0 colour. "
         "'better'/'worse': the paired mean is more than 2 standard errors from zero.",

@@ -29,13 +29,18 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from .losses import mask_iou, psnr  # one definition for training validation and evaluation
+from .losses import (
+    chromaticity_error,
+    mask_iou,
+    psnr,
+)  # one definition for training validation and evaluation
 
 __all__ = [
     "COURSE_THRESHOLDS",
     "F_THRESHOLDS",
     "N_SURFACE_POINTS",
     "chamfer_l1",
+    "chromaticity_error",
     "course_normalise",
     "f_score",
     "mask_iou",
