@@ -130,3 +130,22 @@ def test_one_command_builds_data_trains_and_ships_a_loadable_model(tmp_path):
     records = (tmp_path / "outputs" / "pretrain-model" / "metrics.jsonl").read_text().splitlines()
     train_steps = [json.loads(r)["step"] for r in records if "lr" in json.loads(r)]
     assert train_steps == [1, 2, 3]  # steps 1-2 kept, only step 3 trained again
+
+
+def test_colour_lookup_carries_the_input_colour_into_the_scene_code():
+    model = TSR.from_config(CLASSROOM_CONFIG, seed=0)
+    init_for_pretraining(
+        model, cross_attention_gain=4.0, position_std=1.0, geometric_heads=2, colour_lookup=3.0
+    )
+    size = model.config.cond_image_size
+    red = torch.full((1, size, size, 3), 0.5)
+    red[:, size // 4 : -size // 4, size // 4 : -size // 4] = torch.tensor([0.9, 0.1, 0.1])
+    blue = red.flip(-1)  # the same object, blue
+    with torch.no_grad():
+        red_code, blue_code = model.encode(red)[0], model.encode(blue)[0]  # (3, C, 2P, 2P)
+    # the (y, z) plane faces the input camera: its central cells see the object
+    quarter = red_code.shape[-1] // 4
+    centre = (2, slice(-3, None), slice(quarter, -quarter), slice(quarter, -quarter))
+    difference = (red_code[centre] - blue_code[centre]).mean((-1, -2))  # (3,) R, G, B channels
+    assert difference[0] > 0.5 and difference[2] < -0.5, difference
+    assert abs(float(difference[1])) < 0.25 * float(difference[0]), difference
