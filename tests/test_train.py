@@ -463,3 +463,29 @@ def test_training_on_3d_points_alone_needs_them(datasets, tmp_path):
     config = quick_config(train_mode="full", rays_per_object=0, lambda_occupancy=1.0, max_steps=1)
     with pytest.raises(ValueError, match="--occupancy-points"):
         fit(model, datasets["train"], config, output_dir=tmp_path / "b")
+
+
+def test_occupancy_level_defaults_to_the_models_marching_cubes_threshold(tmp_path, monkeypatch):
+    """Fine-tuning with 3D points moves the surface to where the model's meshes are cut."""
+    root = tmp_path / "points"
+    prepare_dataset(
+        root, families=("primitives",), n_objects=3, n_views=2, size=32, workers=1,
+        occupancy_points=32,
+    )  # fmt: skip
+    model = TSR.from_config("tiny", seed=0)
+    model.config.mc_threshold = 7.0
+    data = MultiViewDataset(root, "all", cond_size=model.config.cond_image_size)
+    levels = []
+    measured = train.occupancy_losses
+
+    def recording(model, scene_code, item, n_points, level, *args, **kwargs):
+        levels.append(level)
+        return measured(model, scene_code, item, n_points, level, *args, **kwargs)
+
+    monkeypatch.setattr(train, "occupancy_losses", recording)
+    points_only = dict(train_mode="full", rays_per_object=0, lambda_occupancy=1.0, max_steps=1)
+    fit(model, data, quick_config(**points_only), output_dir=tmp_path / "own")
+    assert levels and set(levels) == {7.0}
+    levels.clear()
+    fit(model, data, quick_config(**points_only, occupancy_level=3.0), output_dir=tmp_path / "set")
+    assert levels and set(levels) == {3.0}

@@ -70,7 +70,9 @@ class TrainConfig:
     # A loss on 3D points labelled inside/outside (datasets built with --occupancy-points):
     # direct geometry supervision, the classroom model's main pretraining loss
     lambda_occupancy: float = 0.0  # weight of the loss on labelled 3D points
-    occupancy_level: float = 10.0  # the density_act the occupancy loss puts at the surface
+    # the density_act the occupancy loss puts at the surface; None: the model's marching-cubes
+    # threshold, so fine-tuning moves the surface where its meshes are cut
+    occupancy_level: float | None = None
     occupancy_points: int = 1024  # labelled points per object and micro-batch
     # Instead of a BCE on the side, regress the density logit to -scale x signed distance
     # (clamped): every point then also says how far it is (datasets with signed distances)
@@ -292,6 +294,9 @@ def fit(
     if checkpointing is None:
         checkpointing = model.config.backbone.num_layers >= 16  # the full-size backbone
     lora.gradient_checkpointing(model, checkpointing)
+    occupancy_level = config.occupancy_level
+    if occupancy_level is None:
+        occupancy_level = model.config.mc_threshold
     if device.type == "cpu":
         return_freed_memory_promptly()
     if config.early_stopping_metric not in _HIGHER_IS_BETTER | {"val_loss"}:
@@ -420,7 +425,7 @@ def fit(
                     if config.lambda_occupancy > 0 and "occupancy_points" in item:
                         points = occupancy_losses(
                             model, scene_code, item, config.occupancy_points,
-                            config.occupancy_level, data_generator, config.occupancy_sdf_scale,
+                            occupancy_level, data_generator, config.occupancy_sdf_scale,
                             SURFACE_BAND if config.lambda_surface_colour > 0 else 0.0,
                         )  # fmt: skip
                         terms["loss"] = (
