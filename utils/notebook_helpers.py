@@ -43,7 +43,7 @@ WORKBOOK_DATASET = {"families": ("parts",), "n_objects": 600, "n_views": 5, "siz
 # Notebook 03's LoRA recipe for parts on the classroom model (measured: README, "The
 # classroom model"): rays plus the occupancy loss the model was pretrained with, no LPIPS
 # (its VGG weights are a download), early stopping on the validation loss.
-LORA_RECIPE = {"batch_size": 4, "rays_per_object": 1024, "lr": 5e-4, "lambda_mask": 0.1,
+LORA_RECIPE = {"batch_size": 4, "rays_per_object": 1024, "lr": 1e-3, "lambda_mask": 0.1,
                "lambda_lpips": 0.0, "lambda_occupancy": 1.0, "occupancy_sdf_scale": 100.0,
                "early_stopping_patience": 4}  # fmt: skip
 LORA_STEPS = 800  # at most; ~10 min on 2 CPU cores
