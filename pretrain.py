@@ -196,6 +196,9 @@ def add_colour_lookup(model: TSR, amplitude: float = 3.0, first_channel: int = 3
     backbone = model.backbone
     upsample = model.post_processor.upsample  # ConvTranspose2d weight (C_in, C_out, 2, 2)
     code = slice(upsample.out_channels - 3, upsample.out_channels)
+    blocks = backbone.transformer_blocks
+    if min(block.attn2.to_v.weight.shape[0] // block.attn2.heads for block in blocks) < 3:
+        raise ValueError("a colour lookup needs cross-attention heads of >= 3 channels")
     with torch.no_grad():
         patch = vit.patch_embeddings.projection  # Conv2d (C_vit, 3, p, p)
         patch.weight[colour] = 0
@@ -208,14 +211,12 @@ def add_colour_lookup(model: TSR, amplitude: float = 3.0, first_channel: int = 3
         model.tokenizer.embeddings[:, colour] = 0
         backbone.proj_in.weight[colour] = 0
         backbone.proj_in.bias[colour] = 0
-        for block in backbone.transformer_blocks:
+        for block in blocks:
             attn = block.attn2
-            if attn.to_v.weight.shape[0] // attn.heads < 3:
-                raise ValueError("a colour lookup needs cross-attention heads of >= 3 channels")
             attn.to_v.weight[:3] = 0  # head 0's first 3 value channels <- the patch colour
             attn.to_v.weight[:3, colour] = torch.eye(3)
             attn.to_out[0].weight[colour] = 0
-            attn.to_out[0].weight[colour, :3] = torch.eye(3) / len(backbone.transformer_blocks)
+            attn.to_out[0].weight[colour, :3] = torch.eye(3) / len(blocks)
             attn.to_out[0].bias[colour] = 0
         backbone.proj_out.weight[colour] = 0
         backbone.proj_out.weight[colour, colour] = torch.eye(3)

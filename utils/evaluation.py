@@ -110,7 +110,8 @@ def evaluate_model(
     name: str = "model",
 ) -> list[dict]:
     """One record per object: mesh metrics (world frame and course variant), novel-view PSNR,
-    mask IoU and colour error on the dataset's cameras, mesh size and time. Meshes go to mesh_dir as .obj.
+    mask IoU and colour error on the dataset's cameras, mesh size and time. Meshes go to
+    mesh_dir as .obj.
 
     threshold None uses the model config's marching-cubes level.
     """
