@@ -29,11 +29,8 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from .losses import (
-    chromaticity_error,
-    mask_iou,
-    psnr,
-)  # one definition for training validation and evaluation
+# one definition for training validation and evaluation
+from .losses import chromaticity_error, mask_iou, psnr
 
 __all__ = [
     "COURSE_THRESHOLDS",
