@@ -343,6 +343,7 @@ def fit(
         resolved = {
             **dataclasses.asdict(config), "max_steps": total_steps, "world_size": world,
             "grad_checkpointing": checkpointing, "bf16_autocast": use_bf16,
+            "occupancy_level": occupancy_level,
             "n_train_objects": n_objects, "lora": lora.trainable_parameter_report(model),
             "model_source": getattr(model, "source", None), "model_config": model.config.to_dict(),
         }  # fmt: skip
