@@ -64,6 +64,9 @@ from utils.prepare_object import DISTANCE, FOVY_DEG
 from utils.train import TrainConfig, fit
 
 CLASSROOM_CONFIG = ASSETS / "classroom-config.yaml"
+# Fourier frequencies per image axis of the geometric lookup: it takes the first 4 x this
+# many channels of the image and triplane tokens; the colour lookup's channels come after.
+POSITION_FREQUENCIES = 8
 
 
 def init_for_pretraining(
@@ -114,7 +117,11 @@ def _fourier(u: torch.Tensor, n_frequencies: int) -> torch.Tensor:
 
 
 def geometric_cross_attention(
-    model: TSR, heads: int, amplitude: float = 3.0, gain: float = 3.0, n_frequencies: int = 8
+    model: TSR,
+    heads: int,
+    amplitude: float = 3.0,
+    gain: float = 3.0,
+    n_frequencies: int = POSITION_FREQUENCIES,
 ) -> None:
     """Make triplane cells attend to the image patch they project to in the input view.
 
@@ -176,7 +183,9 @@ def geometric_cross_attention(
                 block.attn2.to_k.weight[rows, :positional] += gain * torch.eye(positional)
 
 
-def add_colour_lookup(model: TSR, amplitude: float = 3.0, first_channel: int = 32) -> None:
+def add_colour_lookup(
+    model: TSR, amplitude: float = 3.0, first_channel: int = 4 * POSITION_FREQUENCIES
+) -> None:
     """Give the scene code a path for the input's colour, from step 1.
 
     Trained without it, the classroom model rendered grey: a linear probe reads an object's
