@@ -7,6 +7,10 @@ and runs marching cubes, as TripoSR's extract_mesh does.
 
     python benchmarks/bench_mesh.py                      # tiny model, 128/256/512
     python benchmarks/bench_mesh.py --full --resolutions 128 256   # full-size random init
+    python benchmarks/bench_mesh.py --full --device cuda           # on a GPU: + CUDA peak
+
+On CUDA, times include the copy of the volume to the CPU for marching cubes, and "cuda peak"
+is torch.cuda.max_memory_allocated over the case (the forward pass included).
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def load_model(full: bool):
+def load_model(full: bool, device: str = "cpu"):
     from tsr import TSR
 
     model = TSR.from_config("official", seed=0) if full else TSR.from_pretrained("tiny")
-    return model
+    return model.to(device)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def official_style_extraction(model, scene_code, resolution: int, threshold: float) -> int:
@@ -42,24 +51,27 @@ def official_style_extraction(model, scene_code, resolution: int, threshold: flo
     import mcubes
 
     radius = model.config.renderer.radius
-    axis = torch.linspace(0, 1, resolution)
+    axis = torch.linspace(0, 1, resolution, device=scene_code.device)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     grid = grid * (2 * radius) - radius  # (R^3, 3)
     model.renderer.set_chunk_size(8192)
     density = model.renderer.query_triplane(model.decoder, grid, scene_code)["density_act"]
-    volume = (density.reshape(resolution, resolution, resolution) - threshold).numpy()
+    volume = (density.reshape(resolution, resolution, resolution) - threshold).cpu().numpy()
     _verts, faces = mcubes.marching_cubes(volume, 0.0)
     return len(faces)
 
 
-def run_case(case: str, full: bool, resolution: int, threshold: float | None) -> dict:
+def run_case(
+    case: str, full: bool, resolution: int, threshold: float | None, device: str = "cpu"
+) -> dict:
     torch.set_num_threads(psutil.cpu_count(logical=False) or 2)
-    model = load_model(full)
+    model = load_model(full, device)
     image = np.zeros((256, 256, 3), np.uint8)
     image[64:192, 64:192] = (200, 120, 40)  # a square on black: content does not matter here
     with torch.no_grad():
         scene_codes = model([image])
     rss_weights = psutil.Process().memory_info().rss / 2**20
+    synchronize(device)
     start = time.perf_counter()
     faces = queries = None
     with torch.no_grad():
@@ -79,13 +91,16 @@ def run_case(case: str, full: bool, resolution: int, threshold: float | None) ->
                 ]
 
             result = mesh_extraction.extract_isosurface(
-                density, resolution=resolution, threshold=threshold, method=case
+                density, resolution=resolution, threshold=threshold, method=case, device=device
             )
             faces, queries = len(result.faces), result.n_queries
+    synchronize(device)
     seconds = time.perf_counter() - start
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0
     return {
         "case": case,
         "model": "full" if full else "tiny",
+        "device": device,
         "resolution": resolution if case not in ("forward", "render128") else None,
         "seconds": round(seconds, 3),
         "points_per_s": round(queries / seconds) if queries else None,
@@ -94,6 +109,7 @@ def run_case(case: str, full: bool, resolution: int, threshold: float | None) ->
         "peak_rss_mb": round(peak_rss_mb()),
         "rss_after_weights_mb": round(rss_weights),
         "peak_above_weights_mb": round(peak_rss_mb() - rss_weights),
+        "cuda_peak_mb": round(cuda_peak),
     }
 
 
@@ -114,13 +130,16 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--skip-official-above", type=int, default=256, help="baseline's max R")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
     parser.add_argument("--json", type=Path, default=Path("outputs/bench_mesh.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threshold", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one case, JSON on stdout
-        print(json.dumps(run_case(args.case, args.full, args.resolution, args.threshold)))
+        print(
+            json.dumps(run_case(args.case, args.full, args.resolution, args.threshold, args.device))
+        )
         return
 
     threshold = quantile_threshold(args.full)
@@ -135,7 +154,8 @@ def main() -> None:
     rows = []
     for case, resolution in jobs:
         command = [sys.executable, __file__, "--case", case, "--resolution", str(resolution)]
-        command += ["--threshold", str(threshold)] + (["--full"] if args.full else [])
+        command += ["--threshold", str(threshold), "--device", args.device]
+        command += ["--full"] if args.full else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             rows.append({"case": case, "resolution": resolution, "error": done.stderr[-300:]})
@@ -155,6 +175,7 @@ def _format_row(row: dict) -> str:
         f"{row['model']:>4} {row['case']:>15} R={row['resolution'] or '-':>4} "
         f"{row['seconds']:8.2f} s {pps} queries={row['queries'] or '-':>10} "
         f"peak={row['peak_rss_mb']:6d} MB (+{row['peak_above_weights_mb']} MB over weights)"
+        + (f" cuda peak={row['cuda_peak_mb']} MB" if row["device"] != "cpu" else "")
     )
 
 

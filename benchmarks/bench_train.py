@@ -239,9 +239,11 @@ def course_ladder(base: dict, size: int, budget_gb: float) -> list[dict]:
     for candidate in (size // 16, size // 8, size // 4, size // 2, size):
         if rows:
             last = rows[-1]
-            predicted = last["peak_rss_gb"] + last["rss_increase_gb"] * (
-                (candidate / last["size"]) ** 2 - 1
-            )
+            growth = (candidate / last["size"]) ** 2
+            if base["device"].startswith("cuda"):  # activations on the GPU: at most x pixels
+                predicted = last["cuda_peak_gb"] * growth
+            else:
+                predicted = last["peak_rss_gb"] + last["rss_increase_gb"] * (growth - 1)
             if predicted > budget_gb:
                 print(
                     f"  {base['model']} course {candidate} px: predicted {predicted:.1f} GB > budget, extrapolated"
@@ -284,7 +286,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--size", type=int, default=512, help="view size (the course's 512)")
     parser.add_argument("--views", type=int, default=4, help="supervision views per object (k)")
-    parser.add_argument("--memory-budget-gb", type=float, default=10.0)
+    parser.add_argument(
+        "--memory-budget-gb", type=float, default=10.0, help="RSS on the CPU, CUDA peak on a GPU"
+    )
     parser.add_argument("--skip-official", action="store_true", help="no full-size step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -73,3 +73,27 @@ def test_unseen_primitives_reconstruct_closer_than_the_best_sphere(model, tmp_pa
         for v in novel_views(item)
     )
     assert mean(ours, "colour_error") < 0.5 * grey, (mean(ours, "colour_error"), grey)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_reconstruction_matches_the_cpu(model):
+    """The same image on CUDA: the same scene code (up to TF32 convolutions) and mesh."""
+    import copy
+
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    image = np.full((128, 128, 3), 127, np.uint8)
+    image[40:100, 30:90] = (200, 60, 40)  # a red square on grey
+    on_cuda = copy.deepcopy(model).cuda()
+    with torch.no_grad():
+        code_cpu, code_cuda = model([image]), on_cuda([image])
+        relative = float((code_cuda.cpu() - code_cpu).norm() / code_cpu.norm())
+        mesh_cpu = model.extract_mesh(code_cpu, resolution=96)[0]
+        mesh_cuda = on_cuda.extract_mesh(code_cuda, resolution=96)[0]
+    assert relative < 1e-2, relative
+    assert len(mesh_cpu.faces) > 0
+    assert abs(len(mesh_cuda.faces) - len(mesh_cpu.faces)) <= 0.02 * len(mesh_cpu.faces)
+    distances, _ = cKDTree(mesh_cpu.vertices).query(mesh_cuda.vertices)
+    assert distances.max() < 2 * 1.74 / 95, distances.max()  # within two voxels
