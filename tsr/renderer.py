@@ -123,10 +123,12 @@ class TriplaneNeRFRenderer(nn.Module):
         rgb_valid = (weights[..., None] * decoded["color"]).sum(-2)  # (Rv, 3)
         depth_valid = (weights * z).sum(-1, keepdim=True) / opacity_valid.clamp(min=1e-6)
 
+        # In the dtype the decoder gave: a half-precision model's (fp16 rgb, fp32 depth from
+        # the fp32 sample distances) differs from the rays'.
         n_rays = rays_o.shape[0]
-        rgb = rays_o.new_zeros(n_rays, 3).index_put((valid,), rgb_valid)
-        opacity = rays_o.new_zeros(n_rays, 1).index_put((valid,), opacity_valid)
-        depth = rays_o.new_zeros(n_rays, 1).index_put((valid,), depth_valid)
+        rgb = rgb_valid.new_zeros(n_rays, 3).index_put((valid,), rgb_valid)
+        opacity = opacity_valid.new_zeros(n_rays, 1).index_put((valid,), opacity_valid)
+        depth = depth_valid.new_zeros(n_rays, 1).index_put((valid,), depth_valid)
         rgb = rgb + (1 - opacity) * background
         return {
             "rgb": rgb.reshape(*batch_shape, 3),
