@@ -3,11 +3,14 @@ reconstructs unseen primitives closer to the truth than the best sphere, in thei
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 
+import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 from tsr.io import DEFAULT_MODEL, SHIPPED_MODELS
 from tsr.model import TSR
@@ -79,11 +82,6 @@ def test_unseen_primitives_reconstruct_closer_than_the_best_sphere(model, tmp_pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_reconstruction_matches_the_cpu(model):
     """The same image on CUDA: the same scene code (up to TF32 convolutions) and mesh."""
-    import copy
-
-    import numpy as np
-    from scipy.spatial import cKDTree
-
     image = np.full((128, 128, 3), 127, np.uint8)
     image[40:100, 30:90] = (200, 60, 40)  # a red square on grey
     on_cuda = copy.deepcopy(model).cuda()
