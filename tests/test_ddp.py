@@ -1,6 +1,6 @@
 """fit() under torchrun with two CPU processes (gloo), unchanged: fit joins the process group
 from torchrun's environment, shards the objects by rank, averages the gradients, and only
-rank 0 writes. Both ranks must end with the same adapter."""
+rank 0 writes. Both ranks must end with the same adapter, even from different inits."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from utils.data import prepare_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER = """
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,9 @@ class RecordingDataset(MultiViewDataset):
         return super().__getitem__(index)
 
 
-torch.manual_seed(0)  # the same LoRA init on every rank, as from one launch script
+# a different LoRA init on each rank, as processes that draw unseeded get: fit() must start
+# every rank from rank 0's weights
+torch.manual_seed(int(os.environ["RANK"]))
 model = add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4)
 initial = {k: v.clone() for k, v in lora_state_dict(model).items()}
 size = model.config.cond_image_size
@@ -82,6 +85,10 @@ def test_two_cpu_processes_end_with_the_same_adapter(tmp_path):
     assert launcher.returncode == 0, output[-3000:]
 
     ranks = [torch.load(tmp_path / f"rank{r}_of_2.pt", weights_only=True) for r in (0, 1)]
+    lora_a = [k for k in ranks[0]["initial"] if "lora_A" in k]
+    assert lora_a and not any(
+        torch.equal(ranks[0]["initial"][k], ranks[1]["initial"][k]) for k in lora_a
+    )  # the ranks did start apart
     for key, value in ranks[0]["adapter"].items():
         assert torch.equal(value, ranks[1]["adapter"][key]), f"ranks disagree on {key}"
     trained = [

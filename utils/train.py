@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -142,6 +143,15 @@ def _distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _start_from_rank0(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's weights, as DistributedDataParallel does at construction:
+    whatever the caller drew per process (peft's LoRA init, an init from torch's global
+    generator) would otherwise differ between ranks, and averaged gradients never fix that."""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(tensor.data, src=0)
 
 
 def _objects_for(
@@ -289,6 +299,8 @@ def fit(
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
     # ---- model, optimiser, schedule
+    if world > 1:
+        _start_from_rank0(model)
     trainable = _trainable_parameters(model, config.train_mode)
     checkpointing = config.grad_checkpointing
     if checkpointing is None:
