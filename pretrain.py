@@ -75,6 +75,7 @@ def init_for_pretraining(
     position_std: float,
     geometric_heads: int,
     colour_lookup: float = 0.0,
+    seed: int = 0,
 ) -> None:
     """Init changes that let the image steer the triplane from step 1.
 
@@ -84,6 +85,8 @@ def init_for_pretraining(
     Then the query and key weights of every cross-attention are scaled by
     `cross_attention_gain`.
     `colour_lookup` > 0 builds a colour path with that amplitude (see `add_colour_lookup`).
+    `seed` draws the position embeddings (from torch's global generator they would differ
+    between processes: torch seeds it from the OS at start-up).
 
     With PyTorch's init the attention logits are so small that each triplane token sees the
     plain mean of the image tokens, mostly background: every object looks alike, and the model
@@ -98,7 +101,9 @@ def init_for_pretraining(
     (see `geometric_cross_attention`).
     """
     with torch.no_grad():
-        model.image_tokenizer.model.embeddings.position_embeddings.normal_(0.0, position_std)
+        model.image_tokenizer.model.embeddings.position_embeddings.normal_(
+            0.0, position_std, generator=torch.Generator().manual_seed(seed)
+        )
         for block in model.backbone.transformer_blocks:
             block.attn2.to_q.weight.mul_(cross_attention_gain)
             block.attn2.to_k.weight.mul_(cross_attention_gain)
@@ -319,6 +324,7 @@ def build_model(args: argparse.Namespace) -> TSR:
         args.position_std,
         args.geometric_heads,
         args.colour_lookup,
+        args.seed,
     )
     model.source = "classroom (pretrain.py)"
     return model

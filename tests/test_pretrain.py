@@ -15,7 +15,7 @@ from tsr.model import TSR
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pretrain import CLASSROOM_CONFIG, init_for_pretraining  # noqa: E402
+from pretrain import CLASSROOM_CONFIG, build_model, init_for_pretraining, parse_args  # noqa: E402
 from utils.prepare_object import DISTANCE, FOVY_DEG  # noqa: E402
 
 
@@ -34,6 +34,20 @@ def test_init_makes_image_positions_loud_and_cross_attention_sharp():
             )
         torch.testing.assert_close(after.attn2.to_v.weight, before.attn2.to_v.weight)
         torch.testing.assert_close(after.attn1.to_q.weight, before.attn1.to_q.weight)
+
+
+def test_pretraining_init_follows_the_seed_alone():
+    """Each training process builds the model itself: the init must not depend on torch's
+    global generator, which torch seeds from the OS in every process."""
+
+    def init(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        return build_model(parse_args(["--seed", str(seed)])).state_dict()
+
+    first, again, other = init(0, 1), init(0, 2), init(1, 1)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    key = "image_tokenizer.model.embeddings.position_embeddings"
+    assert not torch.equal(first[key], other[key])
 
 
 def _cross_attention_maps(model: TSR, image: torch.Tensor) -> list[torch.Tensor]:
