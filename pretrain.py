@@ -1,8 +1,8 @@
 """Pretrain the classroom model: a small TripoSR trained from scratch on generated primitives.
 
 One command builds the data (6000 primitives x 3 views, each with 2048 labelled 3D points;
-6 min) and trains (18,000 steps in two one-core processes, 46 min on 2 CPU cores), then picks
-the marching-cubes threshold on validation objects (51.9 min in all for the shipped model):
+6 min) and trains (18,000 steps in two one-core processes, 44 min on 2 CPU cores), then picks
+the marching-cubes threshold on validation objects (50.0 min in all for the shipped model):
 
     python pretrain.py                       # -> tsr/assets/classroom/ (the shipped model)
     python pretrain.py --objects 200 --steps 50 --out outputs/pretrain-smoke   # a quick look
