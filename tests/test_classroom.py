@@ -94,4 +94,5 @@ def test_cuda_reconstruction_matches_the_cpu(model):
     assert len(mesh_cpu.faces) > 0
     assert abs(len(mesh_cuda.faces) - len(mesh_cpu.faces)) <= 0.02 * len(mesh_cpu.faces)
     distances, _ = cKDTree(mesh_cpu.vertices).query(mesh_cuda.vertices)
-    assert distances.max() < 2 * 1.74 / 95, distances.max()  # within two voxels
+    voxel = 2 * model.config.renderer.radius / (96 - 1)
+    assert distances.max() < 2 * voxel, distances.max()

@@ -90,7 +90,7 @@ def test_render_matches(tiny, reference, scene_codes):
     assert relative_error(np.stack(views[0]), reference["render"]) < RTOL
 
 
-def test_half_precision_model_renders_like_float32(scene_codes):
+def test_half_precision_model_renders_like_float32(tiny, scene_codes):
     """The course's fp16 recipe casts the whole model; rendering must not mix dtypes."""
     half = TSR.from_pretrained("tiny").half()
     origins = torch.tensor([0.0, 0.0, 1.9]).expand(64, 3)
@@ -100,7 +100,7 @@ def test_half_precision_model_renders_like_float32(scene_codes):
         dim=-1,
     )
     with torch.no_grad():
-        full = TSR.from_pretrained("tiny").render_rays(scene_codes[0], origins, directions)
+        full = tiny.render_rays(scene_codes[0], origins, directions)
         halved = half.render_rays(scene_codes[0].half(), origins.half(), directions.half())
     for key in ("rgb", "opacity", "depth"):
         assert torch.allclose(halved[key].float(), full[key], atol=1e-2), key
