@@ -18,9 +18,11 @@ import torch
 
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
-from utils.data import MultiViewDataset
-from utils.evaluation import compare, evaluate_model, sphere_records, write_report
-from utils.lora import load_adapter, merge_adapter
+from utils.data.dataset import MultiViewDataset
+from utils.evaluation.evaluate import evaluate_model, sphere_records
+from utils.evaluation.report import compare, write_report
+from utils.training.adapters import load_adapter
+from utils.training.lora import merge_adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

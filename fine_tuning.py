@@ -19,14 +19,20 @@ import os
 import re
 import shutil
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
-from utils import data, lora
-from utils.train import TrainConfig, fit
+from utils.data import course_layout
+from utils.data import dataset as data
+from utils.training import adapters, lora
+from utils.training.config import TrainConfig
+from utils.training.train import fit
 
 # TrainConfig fields that have a course-style flag of their own below
 MAPPED_FIELDS = {
@@ -40,6 +46,23 @@ def field_comments(cls: type) -> dict[str, str]:
     field_line = re.compile(r"^\s+(\w+): [^#]*#\s*(.+)$")
     lines = inspect.getsource(cls).splitlines()
     return {m.group(1): m.group(2) for line in lines if (m := field_line.match(line))}
+
+
+def strict_bool(text: str) -> bool:
+    """'true'/'false' (also 1/0, yes/no, on/off); anything else is an error, never False."""
+    value = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}.get(text.lower())  # fmt: skip
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def flag_type(cls: type, name: str) -> Callable[[str], object]:
+    """The parser of a dataclass field's flag, from its annotation: `float | None` parses a
+    float (the flag's default stays None), bool parses strictly."""
+    kind = typing.get_type_hints(cls)[name]
+    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None -> X
+    return strict_bool if kind is bool else kind
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,14 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     ours.add_argument("--seed", type=int, default=0, help="seeds data order, rays and dropout")
     ours.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
-    more = parser.add_argument_group("other TrainConfig fields (see utils/train.py)")
+    more = parser.add_argument_group("other TrainConfig fields (see utils/training/config.py)")
     comments = field_comments(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name not in MAPPED_FIELDS:
-            kind = type(field.default) if field.default is not None else str
-            kind = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
             more.add_argument(
-                f"--{field.name}", type=kind, default=field.default,
+                f"--{field.name}", type=flag_type(TrainConfig, field.name), default=field.default,
                 help=f"{comments.get(field.name, '')} (default {field.default})",
             )  # fmt: skip
     return parser.parse_args(argv)
@@ -100,12 +121,12 @@ def train_config(args: argparse.Namespace, resume_from: str | None) -> TrainConf
     }
     values.update(
         train_mode="full" if args.full else "lora",
-        sampling="patches" if args.patch else "rays",
+        sampling="patches" if args.patch is not None else "rays",
         resume_from=resume_from,
     )
-    if args.rays:
+    if args.rays is not None:  # 0 is a value (3D losses only), not "unset"
         values["rays_per_object"] = args.rays
-    if args.patch:
+    if args.patch is not None:
         values["patch_size"] = args.patch
     return TrainConfig(**values)
 
@@ -134,21 +155,14 @@ def course_layout_items(folder: Path, cond_size: int) -> list[dict]:
     )  # fmt: skip
     items = []
     for object_dir in object_dirs:
-        views = data.load_course_layout(object_dir)
+        views = course_layout.load_course_layout(object_dir)
         if views["fovy_deg"] is None:
             raise ValueError(
                 f"{object_dir}/cams.json: K is not square and centred, which TripoSR's cameras "
                 "cannot express; re-render the views with a centred principal point"
             )
-        mask = torch.from_numpy(views["rgba"][..., 3]).float() / 255.0  # (V, H, W)
-        image = torch.from_numpy(views["rgba"][..., :3]).float() / 255.0
-        items.append({
-            "object_id": object_dir.name, "mask": mask,
-            "cond_image": data.conditioning_image(views["rgba"][0], cond_size),
-            "rgb": image * mask[..., None] + (1 - mask[..., None]),  # background -> white
-            "depth": torch.from_numpy(views["depth"]), "c2w": views["c2w"],
-            "fovy_deg": views["fovy_deg"], "view_indices": torch.arange(len(mask)),
-        })  # fmt: skip
+        views["view_indices"] = np.arange(len(views["rgba"]))  # every view supervises
+        items.append(data.make_item(object_dir.name, views, cond_size))
     return items
 
 
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None) -> Path:
     train_set, val_set = load_datasets(Path(args.input_folder), args.views, model)
     result = fit(model, train_set, config, val_dataset=val_set, output_dir=run_dir)
     if result.artefact is not None and config.train_mode == "lora":
-        course_file = lora.export_course_adapter(model, run_dir / "lora_weights.pth")
+        course_file = adapters.export_course_adapter(model, run_dir / "lora_weights.pth")
         shutil.copyfile(course_file, Path(args.output_dir) / "lora_weights.pth")
     if result.artefact is not None:
         print(f"saved {result.artefact} after {result.steps} steps; metrics in {run_dir}")

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from tsr.__main__ import prepare_input
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
-from utils.lora import load_adapter, merge_adapter
+from utils.training.adapters import load_adapter
+from utils.training.lora import merge_adapter
 
 FORMATS = ("obj", "glb", "ply", "stl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -1,4 +1,4 @@
-"""Render meshes into a multi-view dataset in TripoSR's cameras (see utils/build_dataset.py).
+"""Render meshes into a multi-view dataset in TripoSR's cameras (see utils/data/build.py).
 
     python prepare_data.py                                   # the embedded default set
     python prepare_data.py --out data/mine --input-folder my_meshes --input-up y
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.build_dataset import prepare_dataset
+from utils.data.build import prepare_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """One training step, our default recipe vs the course project's, on the same model and data.
 
-- ours: `utils.train.fit` with its defaults: 1024 random rays per object over k views, only
+- ours: `utils.training.train.fit` with its defaults: 1024 random rays per object over k views, only
   the LoRA weights get gradients, backbone checkpointing by fit's rule (on for 16 blocks),
   fp32 on the CPU (bf16 autocast on CUDA).
 - course: every pixel of k whole views rendered each step (512 x 512), same LoRA (r=16 on the
@@ -42,9 +42,12 @@ import torch.nn.functional as F
 from tsr.cameras import rays_from_c2w
 from tsr.config import named_config
 from tsr.model import TSR
-from utils.data import MultiViewDataset, prepare_dataset
-from utils.lora import add_lora, gradient_checkpointing
-from utils.train import TrainConfig, fit, return_freed_memory_promptly
+from utils.data.build import prepare_dataset
+from utils.data.dataset import MultiViewDataset
+from utils.training.config import TrainConfig
+from utils.training.lora import add_lora, gradient_checkpointing
+from utils.training.setup import return_freed_memory_promptly
+from utils.training.train import fit
 
 GB = 1e9
 

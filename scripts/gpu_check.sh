@@ -32,7 +32,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember a failure
     fi
 }
 
-step environment "$PYTHON" -c "from utils.env import environment_report, format_report_text
+step environment "$PYTHON" -c "from utils.notebook.env import environment_report, format_report_text
 print(format_report_text(environment_report()))"
 step tests_gpu "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_mesh.py tests/test_train.py tests/test_classroom.py

@@ -9,7 +9,7 @@ copy and an HTML export go to outputs/notebooks/, with runtimes.json; a line per
 gives its runtime. The first failing notebook stops the run, naming the cell that failed.
 
 Headless, no widget frontend will ever draw the 3D viewers, so the meshes are shown as static
-pictures only (WORKBOOK_STATIC_VIEWER=1, see utils/viewer.py): saved widget state would hold
+pictures only (WORKBOOK_STATIC_VIEWER=1, see utils/notebook/viewer.py): saved widget state would hold
 every mesh's geometry (tens of MB per notebook). --widgets keeps the widgets as well.
 """
 

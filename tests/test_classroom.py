@@ -14,9 +14,10 @@ from scipy.spatial import cKDTree
 
 from tsr.io import DEFAULT_MODEL, SHIPPED_MODELS
 from tsr.model import TSR
-from utils.data import MultiViewDataset, prepare_dataset
-from utils.evaluation import evaluate_model, novel_views, sphere_records
-from utils.losses import chromaticity_error
+from utils.data.build import prepare_dataset
+from utils.data.dataset import MultiViewDataset, novel_views
+from utils.evaluation.evaluate import evaluate_model, sphere_records
+from utils.evaluation.metrics import chromaticity_error
 
 CLASSROOM = SHIPPED_MODELS["classroom"]
 

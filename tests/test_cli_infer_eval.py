@@ -15,9 +15,10 @@ from PIL import Image
 
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
-from utils.build_dataset import prepare_dataset
-from utils.data import MultiViewDataset
-from utils.lora import add_lora, export_course_adapter, save_adapter
+from utils.data.build import prepare_dataset
+from utils.data.dataset import MultiViewDataset
+from utils.training.adapters import export_course_adapter, save_adapter
+from utils.training.lora import add_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 

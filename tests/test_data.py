@@ -11,24 +11,20 @@ from PIL import Image
 
 from tsr.cameras import orbit_cameras, pixel_to_ray, rays_from_c2w
 from tsr.preprocess import prepare_images, resize_foreground
-from utils.build_dataset import make_split
-from utils.data import (
+from utils.data.build import make_split, prepare_dataset
+from utils.data.course_layout import load_course_layout, write_course_layout
+from utils.data.dataset import (
     DEPTH_BACKGROUND,
-    MeshLoadError,
     MultiViewDataset,
-    dataset_statistics,
-    load_course_layout,
-    load_mesh,
-    prepare_dataset,
-    prepare_object,
     read_object,
-    render_views,
     sample_patches,
     sample_rays,
-    write_course_layout,
 )
-from utils.prepare_object import CUBE_RADIUS, view_cameras
-from utils.shapes import make_shape
+from utils.data.meshes import MeshLoadError, load_mesh
+from utils.data.prepare_object import CUBE_RADIUS, prepare_object, view_cameras
+from utils.data.render_views import render_views
+from utils.data.shapes import make_shape
+from utils.data.statistics import dataset_statistics
 
 SIZE, FOVY = 48, 40.0
 
@@ -328,8 +324,8 @@ def test_statistics_describe_the_dataset(dataset_root):
 
 
 def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
-    from utils.data import MultiViewDataset
-    from utils.prepare_object import occupancy_samples
+    from utils.data.dataset import MultiViewDataset
+    from utils.data.prepare_object import occupancy_samples
 
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
     samples = occupancy_samples(sphere, 2000, np.random.default_rng(0))
@@ -345,7 +341,7 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     assert error.mean() < 0.003 and np.percentile(error, 99) < 0.012, error.max()
     assert (np.sign(sdf[clear]) == np.where(samples["inside"][clear], -1, 1)).all()
     # colours: the renderer's grey, shaded by the fixed lights, bright where the key light faces
-    from utils.render_views import GREY, LIGHTS
+    from utils.data.render_views import GREY, LIGHTS
 
     colour = samples["colour"].astype(np.float32) / 255
     key = np.asarray(LIGHTS[0][0]) / np.linalg.norm(LIGHTS[0][0])
@@ -353,7 +349,7 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     assert np.allclose(colour[:, 0], colour[:, 1], atol=2 / 255)  # grey stays grey
     assert colour[facing > 0.9, 0].mean() > GREY[0] * 0.85 > colour[facing < -0.9, 0].mean()
 
-    from utils.build_dataset import prepare_dataset
+    from utils.data.build import prepare_dataset
 
     prepare_dataset(
         tmp_path / "set", ("primitives",), 3, n_views=2, size=32, occupancy_points=64, workers=1

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.data import prepare_dataset
+from utils.data.build import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 
 from tsr.model import TSR
-from utils.data import MultiViewDataset
-from utils.lora import add_lora, lora_state_dict
-from utils.train import TrainConfig, fit
+from utils.data.dataset import MultiViewDataset
+from utils.training.lora import add_lora, lora_state_dict
+from utils.training.config import TrainConfig
+from utils.training.train import fit
 
 torch.set_num_threads(1)
 root, out = sys.argv[1], Path(sys.argv[2])

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from utils import env
+from utils.notebook import env
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import trimesh
 
 from tsr.cameras import pixel_to_ray
 from tsr.model import TSR
-from utils import evaluation
-from utils.build_dataset import prepare_dataset
-from utils.data import MultiViewDataset
-from utils.evaluation import compare, evaluate_model, render_view, sphere_records, write_report
+from utils.data.build import prepare_dataset
+from utils.data.dataset import MultiViewDataset
+from utils.evaluation import threshold
+from utils.evaluation.evaluate import evaluate_model, render_view, sphere_records
+from utils.evaluation.report import compare, write_report
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_evaluate_model_records_meshes_and_scores(shapes_dataset, tmp_path):
 
 
 def test_render_view_puts_each_pixel_ray_in_its_place(shapes_dataset, monkeypatch):
-    monkeypatch.setattr(evaluation, "RAY_CHUNK", 100)  # several chunks, not a multiple of W
+    monkeypatch.setattr(TSR.render_cameras, "__defaults__", (100,))  # chunks, not a multiple of W
     model = TSR.from_pretrained("tiny")
     item = shapes_dataset[0]
     code = model.encode(item["cond_image"][None])[0]
@@ -128,7 +129,7 @@ def test_compare_pairs_by_object_and_judges_against_two_standard_errors(tmp_path
 def test_best_threshold_by_chamfer_picks_the_level_with_the_lowest_chamfer(shapes_dataset):
     model = TSR.from_pretrained("tiny")
     around = low_threshold(model, shapes_dataset)
-    best, scores = evaluation.best_threshold_by_chamfer(
+    best, scores = threshold.best_threshold_by_chamfer(
         model, shapes_dataset, around=around, factors=(0.8, 1.0, 1.2), resolution=20, n_points=500
     )
     assert set(scores) == {f"{around * f:g}" for f in (0.8, 1.0, 1.2)}

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,11 @@ import torch
 from tsr.cameras import orbit_cameras, rays_from_c2w
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
-from utils.data import read_object, write_course_layout
-from utils.lora import load_adapter, lora_state_dict
+from utils.data.course_layout import write_course_layout
+from utils.data.dataset import read_object
+from utils.training.adapters import load_adapter
+from utils.training.config import TrainConfig
+from utils.training.lora import lora_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fine_tuning", REPO / "fine_tuning.py")
@@ -138,6 +143,28 @@ def test_course_layout_input(lora_run, tmp_path):
     ])  # fmt: skip
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run_dir / "config.json").read_text())["n_train_objects"] == 2
+
+
+def test_every_generated_flag_parses_to_its_fields_type():
+    """--occupancy_level 3.0 once arrived as the string '3.0' (a None default became str)."""
+    hints = typing.get_type_hints(TrainConfig)
+    samples = {int: ("3", 3), float: ("3.0", 3.0), str: ("x", "x"), bool: ("false", False)}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in fine_tuning.MAPPED_FIELDS:
+            continue
+        kind = next((a for a in typing.get_args(hints[field.name]) if a is not type(None)), None)
+        kind = kind or hints[field.name]
+        text, value = samples[kind]
+        args = fine_tuning.parse_args(["--input_folder", "d", f"--{field.name}", text])
+        parsed = getattr(args, field.name)
+        assert type(parsed) is kind and parsed == value, (field.name, parsed)
+
+
+@pytest.mark.parametrize("text", ["ture", "2", ""])
+def test_boolean_flags_refuse_what_is_not_a_boolean(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fine_tuning.parse_args(["--input_folder", "d", "--restore_best", text])
+    assert exit_info.value.code == 2 and "--restore_best" in capsys.readouterr().err
 
 
 def test_unknown_input_folder_says_what_to_do(tmp_path):

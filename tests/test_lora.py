@@ -17,17 +17,19 @@ from peft import (
 
 from tsr.config import named_config
 from tsr.model import TSR
-from utils.lora import (
-    add_lora,
+from utils.training.adapters import (
     base_fingerprint,
     export_course_adapter,
-    gradient_checkpointing,
     load_adapter,
+    save_adapter,
+)
+from utils.training.lora import (
+    add_lora,
+    gradient_checkpointing,
     lora_size_table,
     lora_state_dict,
     merge_adapter,
     resolve_targets,
-    save_adapter,
     trainable_parameter_report,
 )
 
@@ -216,3 +218,16 @@ def test_merge_equals_unmerged_and_leaves_a_plain_model(image):
     merge_adapter(model)
     assert set(model.state_dict()) == keys and not hasattr(model, "peft_config")
     torch.testing.assert_close(model.encode(image), expected, atol=1e-5, rtol=0)
+
+
+def test_fingerprint_sees_every_byte_of_every_tensor():
+    """One value changed deep inside the largest tensor (past any prefix) changes the
+    fingerprint; the same weights give the same fingerprint."""
+    model = tiny()
+    name, largest = max(model.state_dict().items(), key=lambda kv: kv[1].numel())
+    before = model.weights_fingerprint()
+    assert tiny().weights_fingerprint() == before
+    with torch.no_grad():
+        largest.view(-1)[-1] += 1.0  # the last value: beyond the first 4 KB of any tensor
+    assert largest.numel() * largest.element_size() > 4096, name
+    assert model.weights_fingerprint() != before

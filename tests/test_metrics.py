@@ -9,7 +9,7 @@ import pytest
 import torch
 import trimesh
 
-from utils.metrics import (
+from utils.evaluation.metrics import (
     chamfer_l1,
     chromaticity_error,
     course_normalise,

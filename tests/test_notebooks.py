@@ -1,5 +1,5 @@
 """The notebooks as files (clean, one settings cell, prose before short code), the helpers they
-share (utils/notebook_helpers.py) and the runner behind `make demo`. Running the notebooks
+share (utils/notebook/) and the runner behind `make demo`. Running the notebooks
 themselves is nbmake's job in `make test` (SMOKE=1)."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 import trimesh
 
 from tsr.model import TSR
-from utils import lora
-from utils import notebook_helpers as nbh
-from utils.data import read_object
+from utils.data.dataset import read_object
+from utils.notebook import measuring, setup, tables
+from utils.notebook import previews as nbh
+from utils.training import adapters, lora, recipes
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -90,10 +91,10 @@ def test_every_code_cell_is_short_and_follows_prose(path):
         assert len(lines) <= limit, f"{path.name} cell {index}: {len(lines)} lines > {limit}"
 
 
-# ---- utils/notebook_helpers.py -----------------------------------------------------------------
+# ---- utils/notebook/ -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory) -> Path:
-    return nbh.ensure_dataset(tmp_path_factory.mktemp("data") / "smoke", smoke=True)
+    return setup.ensure_dataset(tmp_path_factory.mktemp("data") / "smoke", smoke=True)
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,11 @@ def tiny() -> TSR:
 
 def test_repo_root_is_found_from_the_notebooks_folder(monkeypatch):
     monkeypatch.chdir(REPO / "notebooks")
-    assert nbh.repo_root() == REPO
+    assert setup.repo_root() == REPO
 
 
 def test_peak_memory_sees_a_temporary_allocation():
-    with nbh.peak_memory("cpu") as memory:
+    with measuring.peak_memory("cpu") as memory:
         block = np.ones(100 * 2**20 // 8)  # 100 MB, touched
         del block
     assert 90 <= memory["peak_mb"] < 400, memory
@@ -130,14 +131,14 @@ def test_mesh_extraction_benchmark_records_each_case(tiny):
     code = torch.randn(3, 8, 16, 16)
     threshold = nbh.choose_threshold(tiny, code[None])
     renderer_chunk = tiny.renderer.chunk_size
-    records = nbh.mesh_extraction_benchmark(tiny, code, threshold, (8, 16), (64, 4096))
+    records = measuring.mesh_extraction_benchmark(tiny, code, threshold, (8, 16), (64, 4096))
     assert [(r["resolution"], r["chunk_size"]) for r in records] == [
         (8, 64), (8, 4096), (16, 64), (16, 4096)
     ]  # fmt: skip
     for record in records:
         assert record["n_queries"] == record["resolution"] ** 3  # dense queries every point
         assert record["n_faces"] > 0 and record["seconds"] > 0 and record["peak_memory_mb"] >= 0
-        assert set(nbh.BENCHMARK_COLUMNS) <= set(record)
+        assert set(measuring.BENCHMARK_COLUMNS) <= set(record)
     assert records[0]["n_faces"] == records[1]["n_faces"]  # chunking never changes the mesh
     assert tiny.renderer.chunk_size == renderer_chunk  # restored
 
@@ -151,12 +152,12 @@ def test_depth_points_lie_on_the_ground_truth_surface(smoke_data):
 
 
 def test_split_counts_add_up(smoke_data):
-    from utils.data import dataset_statistics
+    from utils.data.statistics import dataset_statistics
 
-    rows = nbh.split_counts(dataset_statistics(smoke_data))
+    rows = tables.split_counts(dataset_statistics(smoke_data))
     assert [row["split"] for row in rows] == ["train", "val", "test"]
-    assert sum(row["total"] for row in rows) == nbh.SMOKE_DATASET["n_objects"]
-    families = nbh.SMOKE_DATASET["families"]
+    assert sum(row["total"] for row in rows) == recipes.SMOKE_DATASET["n_objects"]
+    families = recipes.SMOKE_DATASET["families"]
     assert all(row["total"] == sum(row[family] for family in families) for row in rows)
 
 
@@ -172,16 +173,17 @@ def test_gradient_norms_tell_lora_a_from_b(tiny):
 
 def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path, smoke_data):
     run_dir = tmp_path / "run"
-    first = nbh.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
-    stamp = (first / lora.ADAPTER_WEIGHTS).stat().st_mtime_ns
-    assert nbh.ensure_adapter("tiny", smoke_data, run_dir, steps=1) == first
-    assert (first / lora.ADAPTER_WEIGHTS).stat().st_mtime_ns == stamp  # not retrained
-    metadata = json.loads((first / lora.TSR_METADATA).read_text())
+    first = setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
+    stamp = (first / adapters.ADAPTER_WEIGHTS).stat().st_mtime_ns
+    assert setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1) == first
+    assert (first / adapters.ADAPTER_WEIGHTS).stat().st_mtime_ns == stamp  # not retrained
+    metadata = json.loads((first / adapters.TSR_METADATA).read_text())
     metadata["base_fingerprint"] = "other weights"
-    (first / lora.TSR_METADATA).write_text(json.dumps(metadata))
-    again = nbh.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
+    (first / adapters.TSR_METADATA).write_text(json.dumps(metadata))
+    again = setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
     assert (
-        json.loads((again / lora.TSR_METADATA).read_text())["base_fingerprint"] != "other weights"
+        json.loads((again / adapters.TSR_METADATA).read_text())["base_fingerprint"]
+        != "other weights"
     )
 
 
@@ -191,8 +193,8 @@ def test_per_object_rows_and_the_most_changed_object_skip_nothing_but_empty_mesh
         model: [{"object_id": f"o{i}", "chamfer_l1": v} for i, v in enumerate(values)]
         for model, values in chamfer.items()
     }
-    assert nbh.most_changed(records, "chamfer_l1", "base", "LoRA") == 2
-    rows = nbh.per_object_table(records, ["chamfer_l1"])
+    assert tables.most_changed(records, "chamfer_l1", "base", "LoRA") == 2
+    rows = tables.per_object_table(records, ["chamfer_l1"])
     assert [row["object"] for row in rows] == ["o0", "o1", "o2"]
     assert rows[2] == {"object": "o2", "chamfer_l1 base": 0.3, "chamfer_l1 LoRA": 0.2}
 

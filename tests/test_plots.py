@@ -12,7 +12,11 @@ from PIL import Image
 matplotlib.use("Agg")
 
 from tsr.cameras import orbit_cameras
-from utils import plots
+from utils import figures
+from utils.data.dataset import DEPTH_BACKGROUND
+from utils.evaluation import report
+from utils.notebook import plots
+from utils.training import curves
 
 
 def decoded(path) -> np.ndarray:
@@ -21,21 +25,36 @@ def decoded(path) -> np.ndarray:
 
 def test_live_plot_outside_a_notebook_writes_train_and_validation_curves(tmp_path):
     out = tmp_path / "curves" / "loss.png"
-    live = plots.LivePlot(out_png=out)
+    live = curves.LivePlot(out_png=out)
     for step in range(1, 6):
-        live.on_step(step, {"loss": 1.0 / step, "lr": 1e-3, "note": "text"})
-    live.on_validation(3, {"val_loss": 0.4})
+        record = {"loss": 3.0 / step, "loss_render": 1.0 / step, "loss_occupancy": 2.0 / step}
+        live.on_step(step, {**record, "lr": 1e-3, "note": "text"})
+    live.on_validation(3, {"val_loss": 0.4, "val_psnr": 20.0})
     live.on_validation(5, {"val/loss": 0.3})
     live.on_end()
     assert out.is_file() and decoded(out).std() > 10
-    lines = live.figure().axes[0].lines
-    assert [line.get_label() for line in lines] == ["train loss", "val loss"]
+    compared, terms = live.figure().axes
+    # validation's loss is the render loss: it is drawn beside training's render loss only
+    lines = compared.lines
+    assert [line.get_label() for line in lines] == ["train loss_render", "val loss"]
     np.testing.assert_allclose(lines[0].get_ydata(), [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
     np.testing.assert_array_equal(lines[1].get_xdata(), [3, 5])
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.4, 0.3])
+    assert [line.get_label() for line in terms.lines] == ["loss", "loss_occupancy"]
+    np.testing.assert_allclose(terms.lines[0].get_ydata(), [3, 3 / 2, 1, 3 / 4, 3 / 5])
+
+
+def test_live_plot_never_pairs_training_total_with_validation_render_loss():
+    live = curves.LivePlot()
+    live.on_step(1, {"loss": 1.3})  # the total: render + 3D terms, no render term logged
+    live.on_validation(1, {"val_loss": 0.1})
+    compared, terms = live.figure().axes
+    assert [line.get_label() for line in compared.lines] == ["val loss"]
+    assert [line.get_label() for line in terms.lines] == ["loss"]
 
 
 def test_live_plot_reads_tensors_and_skips_non_finite_values():
-    live = plots.LivePlot(keys=["rgb_loss"])
+    live = curves.LivePlot(keys=["rgb_loss"])
     live.on_step(1, {"rgb_loss": torch.tensor(0.5), "mask_loss": 0.1})
     live.on_step(2, {"rgb_loss": float("nan")})
     assert live.train == {"rgb_loss": [(1, 0.5)]}
@@ -54,9 +73,9 @@ def test_live_plot_in_a_notebook_updates_one_output_in_place(monkeypatch):
         displayed.append(obj)
         return Handle()
 
-    monkeypatch.setattr(plots, "_in_notebook", lambda: True)
+    monkeypatch.setattr(curves, "_in_notebook", lambda: True)
     monkeypatch.setattr("IPython.display.display", fake_display)
-    live = plots.LivePlot(min_interval_s=3600)  # only forced redraws after the first
+    live = curves.LivePlot(min_interval_s=3600)  # only forced redraws after the first
     for step in range(10):
         live.on_step(step, {"loss": 1.0})
     live.on_validation(10, {"loss": 0.5})
@@ -71,17 +90,17 @@ def test_plot_loss_curves_from_jsonl(tmp_path):
     records.append({"step": 3, "split": "val", "loss": 0.5})
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    out = plots.plot_loss_curves(path, tmp_path / "loss.png")
+    out = curves.plot_loss_curves(path, tmp_path / "loss.png")
     assert decoded(out).std() > 10
-    assert plots.plot_loss_curves(records, tmp_path / "again.png").is_file()
+    assert curves.plot_loss_curves(records, tmp_path / "again.png").is_file()
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
-        plots.plot_loss_curves(tmp_path / "nope.jsonl", tmp_path / "x.png")
+        curves.plot_loss_curves(tmp_path / "nope.jsonl", tmp_path / "x.png")
 
 
 def synthetic_views(n_views=3, size=16):
     rgba = np.zeros((n_views, size, size, 4), dtype=np.uint8)
     rgba[:, 4:12, 4:12] = [200, 50, 50, 255]
-    depth = np.full((n_views, size, size), np.inf, dtype=np.float32)
+    depth = np.full((n_views, size, size), DEPTH_BACKGROUND, dtype=np.float32)  # as stored
     depth[:, 4:12, 4:12] = np.linspace(1.0, 2.0, n_views)[:, None, None]
     return rgba, depth
 
@@ -95,8 +114,10 @@ def test_contact_sheet_has_a_row_per_kind_and_a_column_per_view():
     mask = axes[1, 0].images[0].get_array()
     np.testing.assert_array_equal(np.asarray(mask), rgba[0, ..., 3] > 0)  # alpha by default
     assert axes[0, 0].images[0].get_array()[0, 0].tolist() == [1.0, 1.0, 1.0]  # over white
+    shown_depth = axes[2, 0].images[0].get_array()  # the stored background is drawn as "bad"
+    np.testing.assert_array_equal(np.ma.getmaskarray(shown_depth), depth[0] == DEPTH_BACKGROUND)
     assert len(plots.contact_sheet(rgba).axes) == 2 * 3
-    wide = Image.open(io.BytesIO(plots.figure_png(plots.contact_sheet(*synthetic_views(6)))))
+    wide = Image.open(io.BytesIO(figures.figure_png(plots.contact_sheet(*synthetic_views(6)))))
     assert wide.size[0] > 1.5 * wide.size[1]  # views side by side, kinds stacked
 
 
@@ -133,7 +154,7 @@ def test_metrics_bar_plot_heights_and_error_bars():
         "base": {"chamfer": 0.05, "chamfer_stderr": 0.01, "psnr": (18.0, 0.5)},
         "LoRA": {"chamfer": 0.03, "chamfer_stderr": 0.005, "psnr": (21.0, 0.4)},
     }
-    fig = plots.metrics_bar_plot(table)
+    fig = report.metrics_bar_plot(table)
     assert [ax.get_title() for ax in fig.axes] == ["chamfer", "psnr"]
     heights = [patch.get_height() for patch in fig.axes[1].patches]
     assert heights == [18.0, 21.0]

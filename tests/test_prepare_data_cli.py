@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.build_dataset import prepare_dataset
+from utils.data.build import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # the CLI is a script at the repo root, not a package module: load it from its file

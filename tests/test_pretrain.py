@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
+from tsr.cameras import CAMERA_DISTANCE, FOVY_DEG
 from tsr.model import TSR
+from utils.training.pretraining import CLASSROOM_CONFIG, init_for_pretraining, pretraining_model
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from pretrain import CLASSROOM_CONFIG, build_model, init_for_pretraining, parse_args  # noqa: E402
-from utils.prepare_object import DISTANCE, FOVY_DEG  # noqa: E402
 
 
 def test_init_makes_image_positions_loud_and_cross_attention_sharp():
@@ -42,7 +41,7 @@ def test_pretraining_init_follows_the_seed_alone():
 
     def init(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(global_seed)
-        return build_model(parse_args(["--seed", str(seed)])).state_dict()
+        return pretraining_model(seed, 4.0, 1.0, 2, 3.0).state_dict()  # pretrain.py's defaults
 
     first, again, other = init(0, 1), init(0, 2), init(1, 1)
     assert all(torch.equal(first[key], again[key]) for key in first)
@@ -73,7 +72,7 @@ def _mass_on_own_patch(attention: torch.Tensor, plane_size: int, grid: int) -> t
     """Per head: mean attention of (y, z)-plane cells on the 3x3 patches around the patch the
     cell's centre projects to in the input view. attention (heads, 3*P*P, 1 + g*g) -> (heads,)"""
     centres = 0.87 * ((2 * torch.arange(plane_size) + 1) / plane_size - 1)  # world y or z
-    to_image = 1 / (math.tan(math.radians(FOVY_DEG) / 2) * DISTANCE)
+    to_image = 1 / (math.tan(math.radians(FOVY_DEG) / 2) * CAMERA_DISTANCE)
     column = ((centres * to_image + 1) / 2 * grid).floor().clamp(0, grid - 1).long()
     row = ((-centres * to_image + 1) / 2 * grid).floor().clamp(0, grid - 1).long()  # +z is up
     patches = attention[:, 2 * plane_size**2 :, 1:].unflatten(-1, (grid, grid))  # (y,z) plane

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from utils.shapes import FAMILIES, MAX_DEPTH_TO_WIDTH, make_shape
+from utils.data.shapes import FAMILIES, MAX_DEPTH_TO_WIDTH, make_shape
 
 ALL_SHAPES = [(family, index) for family, kinds in FAMILIES.items() for index in range(len(kinds))]
 

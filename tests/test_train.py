@@ -12,10 +12,14 @@ import torch
 
 from tsr.config import named_config
 from tsr.model import TSR
-from utils import checkpoint, losses, train
-from utils.data import MultiViewDataset, prepare_dataset, sample_rays
-from utils.lora import add_lora, load_adapter, lora_state_dict
-from utils.train import TrainConfig, fit
+from utils.data.build import prepare_dataset
+from utils.data.dataset import MultiViewDataset, sample_rays
+from utils.evaluation import metrics
+from utils.training import checkpoint, losses, setup, train
+from utils.training.adapters import load_adapter
+from utils.training.config import TrainConfig
+from utils.training.lora import add_lora, lora_state_dict
+from utils.training.train import fit
 
 
 @pytest.fixture(autouse=True)
@@ -237,7 +241,7 @@ def scripted_validation(monkeypatch, values: list[float]) -> None:
     """validate() returns these val_loss values in turn (step 0 first)."""
     remaining = list(values)
 
-    def scripted(model, dataset, config):
+    def scripted(model, dataset, n_objects, rays_per_view, loss_fn):
         return {"val_loss": remaining.pop(0), "val_psnr": 0.0, "val_mask_iou": 0.0}
 
     monkeypatch.setattr(train, "validate", scripted)
@@ -311,7 +315,7 @@ def test_gradient_checkpointing_is_on_for_a_full_depth_backbone(datasets, tmp_pa
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
     config = TrainConfig(warmup_fraction=0.1, min_lr_ratio=0.1)
-    factors = [train._lr_factor(step, 100, config) for step in range(100)]
+    factors = [setup.lr_factor(step, 100, config) for step in range(100)]
     assert factors[:10] == sorted(factors[:10]) and factors[9] == 1.0
     assert factors[10:] == sorted(factors[10:], reverse=True)
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
@@ -339,11 +343,13 @@ def test_render_loss_terms():
 
 def test_metrics():
     rgb = torch.rand(100, 3)
-    assert losses.psnr(rgb, rgb) > 90
-    assert losses.psnr(torch.zeros(10, 3), torch.ones(10, 3)) == pytest.approx(0.0)
+    assert metrics.psnr(rgb, rgb) > 90
+    assert metrics.psnr(torch.zeros(10, 3), torch.ones(10, 3)) == pytest.approx(0.0)
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    assert losses.mask_iou(mask[:, None], mask) == 1
-    assert losses.mask_iou(torch.tensor([[1.0], [0.0], [1.0], [0.0]]), mask) == pytest.approx(1 / 3)
+    assert metrics.mask_iou(mask[:, None], mask) == 1
+    assert metrics.mask_iou(torch.tensor([[1.0], [0.0], [1.0], [0.0]]), mask) == pytest.approx(
+        1 / 3
+    )
 
 
 def test_lpips_off_with_one_message(monkeypatch, capsys):
@@ -374,9 +380,9 @@ def test_loss_goes_down_on_train_and_val(datasets, tmp_path):
     """A short run (the few-hundred-step numbers are in the report): both losses drop."""
     model = lora_model()
     config = quick_config(max_steps=30, lr=1e-2, rays_per_object=128, val_objects=4)
-    start = {s: losses.validate(model, datasets[s], config)["val_loss"] for s in datasets}
+    start = {s: train._validate(model, datasets[s], config)["val_loss"] for s in datasets}
     fit(model, datasets["train"], config, output_dir=tmp_path)
-    end = {s: losses.validate(model, datasets[s], config)["val_loss"] for s in datasets}
+    end = {s: train._validate(model, datasets[s], config)["val_loss"] for s in datasets}
     assert end["train"] < 0.9 * start["train"] and end["val"] < 0.9 * start["val"], (start, end)
 
 
@@ -457,9 +463,8 @@ def test_signed_distance_target_is_zero_at_the_surface_and_saturates_away_from_i
 
 def test_training_on_3d_points_alone_needs_them(datasets, tmp_path):
     model = TSR.from_config("tiny", seed=0)
-    config = quick_config(train_mode="full", rays_per_object=0, max_steps=1)
-    with pytest.raises(ValueError, match="lambda_occupancy > 0"):
-        fit(model, datasets["train"], config, output_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"rays_per_object=0.*lambda_occupancy > 0"):
+        quick_config(train_mode="full", rays_per_object=0, max_steps=1)  # refused at once
     config = quick_config(train_mode="full", rays_per_object=0, lambda_occupancy=1.0, max_steps=1)
     with pytest.raises(ValueError, match="--occupancy-points"):
         fit(model, datasets["train"], config, output_dir=tmp_path / "b")
@@ -476,7 +481,7 @@ def test_occupancy_level_defaults_to_the_models_marching_cubes_threshold(tmp_pat
     model.config.mc_threshold = 7.0
     data = MultiViewDataset(root, "all", cond_size=model.config.cond_image_size)
     levels = []
-    measured = train.occupancy_losses
+    measured = losses.occupancy_losses
 
     def recording(model, scene_code, item, n_points, level, *args, **kwargs):
         levels.append(level)

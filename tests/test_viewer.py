@@ -12,8 +12,8 @@ from PIL import Image
 matplotlib.use("Agg")
 
 pytest.importorskip("pythreejs")
-from utils import viewer
-from utils.plots import figure_png
+from utils.figures import figure_png
+from utils.notebook import mesh_figures, viewer
 
 
 def coloured_sphere() -> trimesh.Trimesh:
@@ -58,7 +58,7 @@ def test_face_colours_get_their_own_vertices():
 
 def test_uncoloured_mesh_is_grey():
     colours = viewer.geometry_arrays(trimesh.creation.icosphere(subdivisions=1))["color"]
-    assert np.allclose(colours, viewer.GREY)
+    assert np.allclose(colours, mesh_figures.GREY)
 
 
 @pytest.mark.parametrize(("width", "height"), [(480, 360), (300, 500)])
@@ -74,7 +74,7 @@ def test_camera_has_the_widget_aspect_and_frames_the_mesh(width, height):
     from scipy.spatial.transform import Rotation
 
     forward = Rotation.from_quat(camera.quaternion).apply([0.0, 0.0, -1.0])
-    centre, radius = viewer.bounding_sphere([sphere])
+    centre, radius = mesh_figures.bounding_sphere([sphere])
     to_centre = centre - np.asarray(camera.position)
     distance = np.linalg.norm(to_centre)
     np.testing.assert_allclose(forward, to_centre / distance, atol=1e-5)
@@ -130,7 +130,7 @@ def test_empty_mesh_prints_a_message_instead_of_crashing(capsys):
 
 
 def test_static_picture_shows_the_mesh_in_its_colour():
-    pixels = png_pixels(viewer.static_mesh_figure({"box": red_box()}))
+    pixels = png_pixels(mesh_figures.static_mesh_figure({"box": red_box()}))
     drawn = (pixels < 245).any(axis=-1)
     assert drawn.mean() > 0.05  # not blank
     red, green, blue = pixels[drawn].T
@@ -138,19 +138,19 @@ def test_static_picture_shows_the_mesh_in_its_colour():
 
 
 def test_static_picture_culls_back_faces_of_closed_meshes_only():
-    assert viewer._outward_sign(red_box()) == 1.0
+    assert mesh_figures._outward_sign(red_box()) == 1.0
     inside_out = red_box()
     inside_out.invert()
-    assert viewer._outward_sign(inside_out) == -1.0
+    assert mesh_figures._outward_sign(inside_out) == -1.0
     open_box = red_box()
     open_box.update_faces(np.arange(len(open_box.faces)) > 1)  # drop one side
-    assert viewer._outward_sign(open_box) is None
+    assert mesh_figures._outward_sign(open_box) is None
 
 
 def test_big_meshes_are_coarsened_for_the_picture_and_keep_their_colours():
     sphere = trimesh.creation.icosphere(subdivisions=6)  # 81,920 faces
     sphere.visual.vertex_colors = np.tile([10, 200, 30, 255], (len(sphere.vertices), 1))
-    coarse = viewer.coarsened(sphere, cells=32)
+    coarse = mesh_figures.coarsened(sphere, cells=32)
     assert 1_000 < len(coarse.faces) < len(sphere.faces) // 4
     assert np.all(coarse.visual.vertex_colors == [10, 200, 30, 255])
     # Still a sphere of the same size: every kept vertex is an original one.
@@ -159,8 +159,8 @@ def test_big_meshes_are_coarsened_for_the_picture_and_keep_their_colours():
 
 
 def test_static_picture_of_empty_and_full_meshes_together():
-    fig = viewer.static_mesh_figure({"base": coloured_sphere(), "empty": trimesh.Trimesh()})
-    assert len(fig.axes) == 2 * len(viewer.STATIC_VIEWS)
+    fig = mesh_figures.static_mesh_figure({"base": coloured_sphere(), "empty": trimesh.Trimesh()})
+    assert len(fig.axes) == 2 * len(mesh_figures.STATIC_VIEWS)
     assert png_pixels(fig).std() > 10
 
 
@@ -187,8 +187,8 @@ def test_static_mode_displays_a_png_and_no_widget(monkeypatch):
 def test_mesh_files_load_and_bad_inputs_say_what_is_wrong(tmp_path):
     path = tmp_path / "box.ply"
     red_box().export(path)
-    assert len(viewer.as_trimesh(path).faces) == 12
+    assert len(mesh_figures.as_trimesh(path).faces) == 12
     with pytest.raises(FileNotFoundError, match=r"missing\.obj"):
-        viewer.as_trimesh(tmp_path / "missing.obj")
+        mesh_figures.as_trimesh(tmp_path / "missing.obj")
     with pytest.raises(TypeError, match="ndarray"):
-        viewer.as_trimesh(np.zeros((3, 3)))
+        mesh_figures.as_trimesh(np.zeros((3, 3)))

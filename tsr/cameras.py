@@ -12,6 +12,11 @@ import math
 
 import torch
 
+# TripoSR's cameras (its renders, its conditioning view and run.py's framing), defined once
+FOVY_DEG = 40.0  # vertical field of view of every render and of the conditioning view
+CAMERA_DISTANCE = 1.9  # orbit radius: camera centre to the world origin
+FOREGROUND_RATIO = 0.85  # run.py's resize_foreground: the object's share of the image side
+
 
 def orbit_positions(
     azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor, distance: torch.Tensor | float
@@ -54,7 +59,7 @@ def look_at(positions: torch.Tensor, target: torch.Tensor | None = None) -> torc
 
 
 def orbit_cameras(
-    n_views: int, elevation_deg: float = 0.0, camera_distance: float = 1.9
+    n_views: int, elevation_deg: float = 0.0, camera_distance: float = CAMERA_DISTANCE
 ) -> torch.Tensor:
     """The cameras of `TSR.render`: n evenly spaced azimuths starting at 0, one elevation.
 
@@ -70,18 +75,26 @@ def focal_length(fovy_deg: float, height: int) -> float:
     return 0.5 * height / math.tan(math.radians(fovy_deg) / 2)
 
 
-def camera_directions(height: int, width: int, fovy_deg: float) -> torch.Tensor:
-    """Unit ray directions in camera space through pixel centres. -> (H, W, 3)"""
+def pixel_directions(
+    rows: torch.Tensor, cols: torch.Tensor, height: int, width: int, fovy_deg: float
+) -> torch.Tensor:
+    """Unit camera-space directions of the rays through pixel centres (row j, column i):
+    ((i + 0.5 - W/2) / f, -(j + 0.5 - H/2) / f, -1), normalised. (...), (...) -> (..., 3)
+
+    The one definition of pixel -> ray; every camera function below goes through it.
+    """
     f = focal_length(fovy_deg, height)
-    j, i = torch.meshgrid(
-        torch.arange(height, dtype=torch.float32),
-        torch.arange(width, dtype=torch.float32),
-        indexing="ij",
-    )
+    j, i = rows.to(torch.float32), cols.to(torch.float32)
     directions = torch.stack(
         [(i + 0.5 - width / 2) / f, -(j + 0.5 - height / 2) / f, -torch.ones_like(i)], dim=-1
     )
     return torch.nn.functional.normalize(directions, dim=-1)
+
+
+def camera_directions(height: int, width: int, fovy_deg: float) -> torch.Tensor:
+    """Unit ray directions in camera space through every pixel centre. -> (H, W, 3)"""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return pixel_directions(rows, cols, height, width, fovy_deg)
 
 
 def rays_from_c2w(
@@ -107,12 +120,7 @@ def pixel_to_ray(
 
     c2w (4, 4), pixels_ij (N, 2) as (row, column) -> origins (N, 3), unit directions (N, 3)
     """
-    f = focal_length(fovy_deg, height)
-    j = pixels_ij[:, 0].to(torch.float32)
-    i = pixels_ij[:, 1].to(torch.float32)
-    directions_cam = torch.stack(
-        [(i + 0.5 - width / 2) / f, -(j + 0.5 - height / 2) / f, -torch.ones_like(i)], dim=-1
-    )
+    directions_cam = pixel_directions(pixels_ij[:, 0], pixels_ij[:, 1], height, width, fovy_deg)
     rays_d = torch.nn.functional.normalize(directions_cam.to(c2w) @ c2w[:3, :3].T, dim=-1)
     rays_o = c2w[:3, 3].expand_as(rays_d)
     return rays_o, rays_d

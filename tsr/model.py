@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from . import mesh as mesh_extraction
-from .cameras import orbit_cameras, rays_from_c2w
+from .cameras import CAMERA_DISTANCE, FOVY_DEG, orbit_cameras, rays_from_c2w
 from .config import TSRConfig, load_config, named_config
 from .image_encoder import DINOSingleImageTokenizer
 from .io import check_state_dict, read_state_dict, resolve_model_files
@@ -27,6 +27,9 @@ from .preprocess import ImageLike, prepare_images
 from .renderer import TriplaneNeRFRenderer
 from .transformer import Transformer1D
 from .triplane import NeRFMLP, Triplane1DTokenizer, TriplaneUpsampleNetwork
+
+# rays per render_rays call when rendering whole images: bounds memory at any image size
+RAY_CHUNK = 16384
 
 
 class TSR(nn.Module):
@@ -91,14 +94,16 @@ class TSR(nn.Module):
         return folder
 
     def weights_fingerprint(self) -> str:
-        """A short hash of the base weights, so an adapter can tell which model it was made for."""
-        digest = hashlib.sha256()
+        """A short hash of every byte of the base weights (names, shapes and values as float32),
+        so an adapter can tell which model it was made for. One blake2b pass: well under a
+        second for the full-size model."""
+        digest = hashlib.blake2b(digest_size=8)
         for key, value in sorted(self.state_dict().items()):
             if "lora_" in key:
                 continue
-            digest.update(key.encode())
-            digest.update(value.detach().float().cpu().numpy().tobytes()[:4096])
-        return digest.hexdigest()[:16]
+            digest.update(f"{key}{tuple(value.shape)}".encode())
+            digest.update(value.detach().float().cpu().contiguous().numpy().data)
+        return digest.hexdigest()
 
     # ---- image -> scene codes ----------------------------------------------------------
     def encode(self, rgb_cond: torch.Tensor) -> torch.Tensor:
@@ -124,14 +129,39 @@ class TSR(nn.Module):
         """Differentiable: one scene's rays (..., 3) -> rgb, opacity, depth (..., 3/1/1)."""
         return self.renderer.render_rays(self.decoder, scene_code, rays_o, rays_d)
 
+    def render_cameras(
+        self,
+        scene_code: torch.Tensor,
+        c2w: torch.Tensor,
+        fovy_deg: float,
+        height: int,
+        width: int,
+        ray_chunk: int = RAY_CHUNK,
+    ) -> dict[str, torch.Tensor]:
+        """One scene (3, C, H', W') seen from cameras c2w (V, 4, 4), in chunks of `ray_chunk`
+        rays so memory stays bounded at any image size. Differentiable (wrap in no_grad to
+        preview). -> rgb (V, H, W, 3), opacity (V, H, W, 1), depth (V, H, W, 1) on the scene
+        code's device"""
+        device = scene_code.device
+        rays_o, rays_d = rays_from_c2w(c2w.to(device, torch.float32), height, width, fovy_deg)
+        rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)  # (V*H*W, 3)
+        chunks = [
+            self.render_rays(scene_code, rays_o[i : i + ray_chunk], rays_d[i : i + ray_chunk])
+            for i in range(0, len(rays_o), ray_chunk)
+        ]
+        return {
+            key: torch.cat([chunk[key] for chunk in chunks]).reshape(len(c2w), height, width, -1)
+            for key in chunks[0]
+        }
+
     @torch.no_grad()
     def render(
         self,
         scene_codes: torch.Tensor,
         n_views: int,
         elevation_deg: float = 0.0,
-        camera_distance: float = 1.9,
-        fovy_deg: float = 40.0,
+        camera_distance: float = CAMERA_DISTANCE,
+        fovy_deg: float = FOVY_DEG,
         height: int = 256,
         width: int = 256,
         return_type: str = "pil",
@@ -139,15 +169,11 @@ class TSR(nn.Module):
         """Views on an orbit, for each scene: a list (scenes) of lists (views) of images."""
         if return_type not in ("pil", "np", "pt"):
             raise ValueError(f"return_type must be 'pil', 'np' or 'pt', not {return_type!r}")
-        c2w = orbit_cameras(n_views, elevation_deg, camera_distance).to(scene_codes.device)
-        rays_o, rays_d = rays_from_c2w(c2w, height, width, fovy_deg)  # (V, H, W, 3)
+        c2w = orbit_cameras(n_views, elevation_deg, camera_distance)
         scenes = []
         for scene_code in scene_codes:
-            views = []
-            for view in range(n_views):
-                rgb = self.render_rays(scene_code, rays_o[view], rays_d[view])["rgb"]
-                views.append(_convert_image(rgb.float().cpu(), return_type))
-            scenes.append(views)
+            rgb = self.render_cameras(scene_code, c2w, fovy_deg, height, width)["rgb"]
+            scenes.append([_convert_image(view.float().cpu(), return_type) for view in rgb])
         return scenes
 
     @torch.no_grad()

@@ -14,6 +14,15 @@ from torch import nn
 from .config import RendererConfig
 
 
+def ray_cube_radius(radius: float) -> float:
+    """Half-size of the cube rays are cut to, for a scene in [-radius, radius]^3.
+
+    matches TripoSR: the cube is shrunk by 1e-3 so no sample lands on the triplane's edge
+    texels; the dataset builder keeps objects inside this same cube.
+    """
+    return radius * (1 - 1e-3)
+
+
 def ray_box_intersection(
     rays_o: torch.Tensor, rays_d: torch.Tensor, half_size: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +115,9 @@ class TriplaneNeRFRenderer(nn.Module):
         batch_shape = rays_o.shape[:-1]
         rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
         n_samples = self.config.num_samples_per_ray
-        t_near, t_far, valid = ray_box_intersection(rays_o, rays_d, self.config.radius * (1 - 1e-3))
+        t_near, t_far, valid = ray_box_intersection(
+            rays_o, rays_d, ray_cube_radius(self.config.radius)
+        )
         # Midpoints of n equal intervals between the cube's entry and exit; no jitter.
         t_edges = torch.linspace(0, 1, n_samples + 1, device=rays_o.device)
         t_mid = (t_edges[:-1] + t_edges[1:]) / 2  # (S,)

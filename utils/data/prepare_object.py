@@ -26,64 +26,35 @@ import trimesh
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from tsr.cameras import focal_length, look_at, orbit_cameras, orbit_positions
-
-from .render_views import DEPTH_BACKGROUND, Shader, render_views
-
-FOVY_DEG = 40.0  # TripoSR's render and conditioning field of view
-DISTANCE = 1.9  # TripoSR's camera distance
-FOREGROUND_RATIO = 0.85  # run.py's resize_foreground ratio
-CUBE_RADIUS = 0.87 * (1 - 1e-3)  # the volume renderer's (shrunk) bounding cube
-MESH_SUFFIXES = (".obj", ".glb", ".ply", ".stl")
-DENSE_SURFACE_SAMPLES = 20_000  # surface samples the occupancy points' distances are taken to
-# y-up files (glTF's convention, pyrender's scenes) -> our z-up world: y becomes z, and the
-# y-up "front" (+z, where a y-up front camera sits) becomes +x, where our view 0 sits.
-Y_UP_TO_Z_UP = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-CONVENTION = (
-    "TripoSR world: right-handed, z up. c2w is camera-to-world, OpenGL camera (columns right, "
-    "up, -forward; looks down its -z). Pixel (row j, col i) has the unit ray through "
-    "((i+0.5-W/2)/f, -(j+0.5-H/2)/f, -1), f = 0.5*H/tan(fovy/2). depth = distance along that "
-    "unit ray, 0 = background."
+from tsr.cameras import (
+    CAMERA_DISTANCE,
+    FOREGROUND_RATIO,
+    FOVY_DEG,
+    focal_length,
+    look_at,
+    orbit_cameras,
+    orbit_positions,
 )
+from tsr.config import RendererConfig
+from tsr.renderer import ray_cube_radius
+from utils.data.dataset import DEPTH_BACKGROUND
+from utils.data.meshes import CONVENTION
+from utils.data.render_views import Shader, render_views
+
+# objects stay inside the cube the volume renderer cuts rays to
+CUBE_RADIUS = ray_cube_radius(RendererConfig().radius)
+DENSE_SURFACE_SAMPLES = 20_000  # surface samples the occupancy points' distances are taken to
 
 
-class MeshLoadError(ValueError):
-    """A file that cannot be used as a mesh; prepare_dataset names it and carries on."""
 
 
-def load_mesh(path: str | Path, up: str = "z") -> trimesh.Trimesh:
-    """Read .obj/.glb/.ply/.stl as one triangle mesh in our z-up world; textures -> colours."""
-    path = Path(path)
-    try:
-        loaded = trimesh.load(path, force="mesh")
-        if isinstance(loaded, trimesh.Trimesh) and isinstance(
-            loaded.visual, trimesh.visual.TextureVisuals
-        ):
-            loaded.visual = loaded.visual.to_color()  # the renderer shades vertex colours
-    except Exception as error:  # trimesh raises many types for broken files; name the file
-        raise MeshLoadError(
-            f"{path}: cannot be read as a mesh ({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(loaded, trimesh.Trimesh):
-        raise MeshLoadError(f"{path}: holds a {type(loaded).__name__}, not a triangle mesh")
-    if len(loaded.faces) == 0:
-        raise MeshLoadError(f"{path}: has no triangles (empty or not a mesh file)")
-    if not np.isfinite(loaded.vertices).all() or np.ptp(loaded.vertices, axis=0).max() <= 0:
-        raise MeshLoadError(f"{path}: degenerate geometry (non-finite or zero-size vertices)")
-    if up == "y":
-        rotation = np.eye(4)
-        rotation[:3, :3] = Y_UP_TO_Z_UP
-        loaded.apply_transform(rotation)
-    elif up != "z":
-        raise ValueError(f"up must be 'z' or 'y', got {up!r}")
-    return loaded
 
 
 def conditioning_framing(
     vertices: np.ndarray,
     size: int,
     fovy_deg: float = FOVY_DEG,
-    distance: float = DISTANCE,
+    distance: float = CAMERA_DISTANCE,
     ratio: float = FOREGROUND_RATIO,
     max_radius: float = CUBE_RADIUS,
 ) -> tuple[float, np.ndarray, bool]:
@@ -122,7 +93,7 @@ def view_cameras(
     n_views: int,
     rng: np.random.Generator,
     elevation_range: tuple[float, float] = (-10.0, 40.0),
-    distance: float = DISTANCE,
+    distance: float = CAMERA_DISTANCE,
     axis_views: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """View 0 = TripoSR's conditioning camera; the rest around it. -> c2w (V,4,4), az, el (V,)
@@ -188,7 +159,7 @@ def prepare_object(
         return json.loads((out_dir / "meta.json").read_text())
     settings = {
         "n_views": 6 if axis_views else n_views, "size": size, "fovy_deg": FOVY_DEG,
-        "distance": DISTANCE, "foreground_ratio": FOREGROUND_RATIO, "axis_views": axis_views,
+        "distance": CAMERA_DISTANCE, "foreground_ratio": FOREGROUND_RATIO, "axis_views": axis_views,
         "elevation_range": list(elevation_range), "antialias": antialias,
         "occupancy_points": occupancy_points,
     }  # fmt: skip
@@ -225,7 +196,7 @@ def prepare_object(
         "depth_background": DEPTH_BACKGROUND,
         "views": [
             {"c2w": c2w[v].tolist(), "azimuth_deg": float(azimuth[v]),
-             "elevation_deg": float(elevation[v]), "distance": DISTANCE}
+             "elevation_deg": float(elevation[v]), "distance": CAMERA_DISTANCE}
             for v in range(len(c2w))
         ],
     }  # fmt: skip

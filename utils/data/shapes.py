@@ -1,8 +1,7 @@
 """Procedural shape families: a seeded, embedded domain to fine-tune TripoSR on.
 
-`make_shape(family, index, seed)` returns a watertight, coloured `trimesh.Trimesh` whose
-bounding box is centred on the origin with its longest side 1 (so it lies inside
-[-0.5, 0.5]^3). `utils.data` later scales it to TripoSR's conditioning framing.
+`make_shape(family, index, seed)` -> a watertight, coloured mesh in [-0.5, 0.5]^3 (bounding box
+centred, longest side 1); `utils.data.prepare_object` frames it as TripoSR's view 0 needs.
 
 - `primitives`: sphere (ellipsoid), box, cylinder, cone, capsule, torus; random proportions,
   pose and a two-colour gradient (so views of a symmetric solid still tell their sides apart).
@@ -11,8 +10,8 @@ bounding box is centred on the origin with its longest side 1 (so it lies inside
   keyway, hex nut, spur gear. Every solid that goes into a part carries its own colour; the
   walls a cutter leaves (holes, slots) get a darker shade of the body they were cut from.
 
-The kind cycles with `index` (index % 6) so every family is balanced; everything else is drawn
-from a generator seeded by (seed, family, index), so the same arguments give the same mesh.
+The kind cycles with `index` (index % 6) so every family is balanced; the rest is drawn from a
+generator seeded by (seed, family, index): the same arguments give the same mesh.
 """
 
 from __future__ import annotations
@@ -157,8 +156,6 @@ PRIMITIVE_BUILDERS: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] 
 
 
 # ---- CAD-like parts ------------------------------------------------------------------------
-
-
 class _Palette:
     """Gives every solid a unique manifold id and remembers its colour, so the faces of the
     boolean result can be coloured by the solid they came from."""

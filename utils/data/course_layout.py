@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .prepare_object import Y_UP_TO_Z_UP
+from utils.data.meshes import Y_UP_TO_Z_UP
 
 _CONVENTION = (
     "pyrender: world y up; camera x right, y up, looks down -z; R, T world-to-camera "

@@ -26,11 +26,10 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 import trimesh
 from scipy.spatial import cKDTree
-
-# one definition for training validation and evaluation
-from .losses import chromaticity_error, mask_iou, psnr
 
 __all__ = [
     "COURSE_THRESHOLDS",
@@ -165,8 +164,50 @@ def paired_difference(base: Sequence[float], other: Sequence[float]) -> dict[str
     a, b = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired values need one per object in both lists: {a.shape} vs {b.shape}")
-    differences = (b - a)[np.isfinite(a) & np.isfinite(b)]
-    n = len(differences)
-    mean = float(differences.mean()) if n else math.nan
-    stderr = float(differences.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    return {"mean": mean, "stderr": stderr, "n": n}
+    return mean_stderr((b - a)[np.isfinite(a) & np.isfinite(b)])
+
+
+def mean_stderr(values: Sequence[float | None]) -> dict[str, float | int]:
+    """Mean and standard error of the mean (sample std / sqrt(n); NaN for n < 2) over the
+    finite values; None and NaN are left out. -> mean, stderr, n"""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    n = len(finite)
+    return {
+        "mean": float(finite.mean()) if n else math.nan,
+        "stderr": float(finite.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+        "n": n,
+    }
+
+
+def psnr(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB for colours in [0, 1]. (..., 3), (..., 3) -> ()"""
+    mse = F.mse_loss(predicted.float().clamp(0, 1), target.float())
+    return -10.0 * torch.log10(mse.clamp(min=1e-10))
+
+
+def mask_iou(opacity: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Intersection over union of rendered opacity and target mask, both thresholded. -> ()"""
+    predicted, target = opacity.squeeze(-1) > threshold, mask > threshold
+    union = (predicted | target).sum()
+    # an empty prediction of an empty target is a perfect match
+    return (predicted & target).sum() / union if union > 0 else opacity.new_tensor(1.0)
+
+
+def chromaticity_error(
+    predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5
+) -> torch.Tensor:
+    """Colour without brightness: mean L1 distance between rgb / (r + g + b) of the predicted
+    and the true colours, on the true object's pixels. (..., 3), (..., 3), (...) -> ()
+
+    PSNR mixes colour with shape and shading; this says whether the hue is right. 0 is the
+    right hue; plain grey scores ~0.27 on the saturated primitives. NaN without object pixels.
+    """
+    on_object = mask > threshold
+    if not on_object.any():
+        return predicted.new_tensor(math.nan)
+
+    def chromaticity(rgb: torch.Tensor) -> torch.Tensor:
+        rgb = rgb[on_object].float().clamp(0, 1)  # (N, 3)
+        return rgb / rgb.sum(-1, keepdim=True).clamp(min=1e-3)
+
+    return (chromaticity(predicted) - chromaticity(target)).abs().sum(-1).mean()

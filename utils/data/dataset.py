@@ -1,13 +1,12 @@
-"""The dataset as training, evaluation and the notebooks see it.
+"""The dataset as training, evaluation and the notebooks read it.
 
-Building a dataset lives in its own stages (re-exported here so one import serves a reader):
-`render_views` (utils/render_views.py, the CPU renderer), `prepare_object` (one mesh ->
-one folder), `prepare_dataset` (many, in parallel), `load_course_layout` /
-`write_course_layout` (the course project's IMG/MASK/Depth/cams.json folders).
-
-This module reads what they wrote: `read_object` (plain arrays, for plots), `MultiViewDataset`
-(conditioning image + supervision views), `sample_rays` / `sample_patches` (ray batches for the
-volume renderer, so a training step never renders whole images), `dataset_statistics`.
+A prepared dataset folder (written by `utils.data.build`) holds per object RGBA views, depth,
+cameras.json, the normalised mesh and, optionally, labelled 3D points. This module reads it and
+imports none of the building code (no CAD kernel, no ray caster), so a machine that only
+trains needs neither: `read_object` (plain arrays, for plots), `MultiViewDataset`
+(conditioning image + supervision views), `novel_views` (which views evaluation and
+validation score), `sample_rays` / `sample_patches` (ray batches for the volume renderer, so
+a training step never renders whole images).
 """
 
 from __future__ import annotations
@@ -19,30 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tsr.cameras import pixel_to_ray
+from tsr.cameras import FOREGROUND_RATIO, pixel_to_ray
 from tsr.preprocess import prepare_images, resize_foreground
 
-from .build_dataset import prepare_dataset
-from .course_layout import load_course_layout, write_course_layout
-from .prepare_object import FOREGROUND_RATIO, MeshLoadError, load_mesh, prepare_object
-from .render_views import DEPTH_BACKGROUND, render_views
-
-__all__ = [
-    "DEPTH_BACKGROUND",
-    "MeshLoadError",
-    "MultiViewDataset",
-    "dataset_statistics",
-    "load_course_layout",
-    "load_mesh",
-    "prepare_dataset",
-    "prepare_object",
-    "read_object",
-    "render_views",
-    "sample_patches",
-    "sample_rays",
-    "write_course_layout",
-]
 SPLITS = ("train", "val", "test", "all")
+DEPTH_BACKGROUND = 0.0  # stored depth where a pixel's centre ray misses: no camera is on a surface
 
 
 def read_object(object_dir: str | Path, views: list[int] | None = None) -> dict:
@@ -64,6 +44,13 @@ def read_object(object_dir: str | Path, views: list[int] | None = None) -> dict:
         "cameras": cameras,
         "meta": json.loads((object_dir / "meta.json").read_text()),
     }
+
+
+def novel_views(item: dict) -> list[int]:
+    """Positions in item["rgb"] of the views a model is scored on: every view but the
+    conditioning view 0 (the model saw that one). One definition for validation, evaluation
+    and the notebooks."""
+    return [i for i, view in enumerate(item["view_indices"].tolist()) if view != 0]
 
 
 def conditioning_image(rgba_view0: np.ndarray, cond_size: int) -> torch.Tensor:
@@ -137,18 +124,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         object_dir = self.root / self.object_ids[index]
         n_available = len(json.loads((object_dir / "cameras.json").read_text())["views"])
         views = read_object(object_dir, self.supervision_views(index, n_available))
-        rgba = torch.from_numpy(views["rgba"]).float() / 255.0  # (V, H, W, 4), straight alpha
-        mask = rgba[..., 3]
-        item = {
-            "object_id": self.object_ids[index],
-            "cond_image": conditioning_image(views["rgba"][0], self.cond_size),
-            "rgb": rgba[..., :3] * mask[..., None] + (1 - mask[..., None]),  # on white
-            "mask": mask,
-            "depth": torch.from_numpy(views["depth"]),
-            "c2w": torch.from_numpy(views["c2w"]),
-            "fovy_deg": views["fovy_deg"],
-            "view_indices": torch.from_numpy(views["view_indices"]),
-        }
+        item = make_item(self.object_ids[index], views, self.cond_size)
         if (object_dir / "occupancy.npz").exists():  # built with --occupancy-points
             with np.load(object_dir / "occupancy.npz") as occupancy:
                 item["occupancy_points"] = torch.from_numpy(occupancy["points"].astype(np.float32))
@@ -157,6 +133,24 @@ class MultiViewDataset(torch.utils.data.Dataset):
                     item["occupancy_sdf"] = torch.from_numpy(occupancy["sdf"].astype(np.float32))
                     item["occupancy_colour"] = torch.from_numpy(occupancy["colour"]).float() / 255
         return item
+
+
+def make_item(object_id: str, views: dict, cond_size: int) -> dict:
+    """Plain arrays of an object's views (as `read_object` or the course layout's reader
+    return them: rgba, depth, c2w, fovy_deg, view_indices) -> a dataset item (see
+    `MultiViewDataset`). View 0 of the arrays is the conditioning view."""
+    rgba = torch.from_numpy(views["rgba"]).float() / 255.0  # (V, H, W, 4), straight alpha
+    mask = rgba[..., 3]
+    return {
+        "object_id": object_id,
+        "cond_image": conditioning_image(views["rgba"][0], cond_size),
+        "rgb": rgba[..., :3] * mask[..., None] + (1 - mask[..., None]),  # on white
+        "mask": mask,
+        "depth": torch.as_tensor(views["depth"]),
+        "c2w": torch.as_tensor(views["c2w"], dtype=torch.float32),
+        "fovy_deg": float(views["fovy_deg"]),
+        "view_indices": torch.as_tensor(views["view_indices"]),
+    }
 
 
 def _gather(item: dict, view: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> dict:
@@ -225,56 +219,3 @@ def sample_patches(
     return {**patches, "view_index": view, "top_left": torch.stack([top, left], dim=-1)}
 
 
-def dataset_statistics(root: str | Path) -> dict:
-    """Numbers about a prepared dataset, as data (notebook 01 plots and prints them).
-
-    -> {"summary": {...}, "objects": [one dict per object]}
-    """
-    root = Path(root)
-    dataset_path = root / "dataset.json"
-    if not dataset_path.exists():
-        raise FileNotFoundError(
-            f"no dataset at {root} (no dataset.json): run prepare_data.py --out {root}"
-        )
-    dataset = json.loads(dataset_path.read_text())
-    splits = json.loads((root / "split.json").read_text())
-    split_of = {object_id: s for s in SPLITS[:3] for object_id in splits[s]}
-    rows = []
-    for object_id in dataset["objects"]:
-        views = read_object(root / object_id)
-        meta, alpha, depth = views["meta"], views["rgba"][..., 3], views["depth"]
-        hits = depth[depth != DEPTH_BACKGROUND]
-        rows.append({
-            "object_id": object_id, "split": split_of.get(object_id, "none"),
-            "family": meta.get("family", "meshes"), "kind": meta.get("kind", ""),
-            "n_faces": meta["n_faces"], "watertight": meta["watertight"], "scale": meta["scale"],
-            "framing": meta["framing"], "view0_foreground_ratio": meta["view0_foreground_ratio"],
-            "foreground_fraction": float((alpha / 255.0).mean()),
-            "depth_min": float(hits.min()) if hits.size else float("nan"),
-            "depth_max": float(hits.max()) if hits.size else float("nan"),
-            "max_abs_coordinate": float(np.abs(meta["bounds"]).max()),
-        })  # fmt: skip
-    numeric = (
-        "n_faces",
-        "scale",
-        "view0_foreground_ratio",
-        "foreground_fraction",
-        "depth_min",
-        "depth_max",
-        "max_abs_coordinate",
-    )
-
-    def count(key: str) -> dict:
-        values = [row[key] for row in rows]
-        return {value: values.count(value) for value in sorted(set(values))}
-
-    summary = {
-        "root": str(root), "n_objects": len(rows), "settings": dataset["settings"],
-        "n_images": len(rows) * dataset["settings"]["n_views"], "split": count("split"),
-        "family": count("family"), "kind": count("kind"), "framing": count("framing"),
-        "watertight": sum(row["watertight"] for row in rows), "skipped_files": dataset["skipped"],
-        "bytes_on_disk": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
-        **{f"{key}_mean_min_max": [float(np.mean(c)), float(np.min(c)), float(np.max(c))]
-           for key in numeric if len(c := [row[key] for row in rows])},
-    }  # fmt: skip
-    return {"summary": summary, "objects": rows}

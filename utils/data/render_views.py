@@ -27,8 +27,8 @@ from scipy.ndimage import maximum_filter, minimum_filter
 from trimesh.ray.ray_pyembree import RayMeshIntersector
 
 from tsr.cameras import pixel_to_ray, rays_from_c2w
+from utils.data.dataset import DEPTH_BACKGROUND
 
-DEPTH_BACKGROUND = 0.0  # depth where a pixel's centre ray misses: no camera is ever on a surface
 GREY = np.array([0.7, 0.7, 0.7])  # base colour of meshes without colours
 AMBIENT = 0.35
 # (direction towards the light, intensity): a key light above the conditioning camera (+x)

@@ -1,23 +1,6 @@
-"""LoRA adapters for TSR through peft: add, count, save, load, convert, merge.
+"""LoRA adapter files: save, load (peft's folder or the course project's .pth), export.
 
-The adapter is injected in place (`peft.inject_adapter_in_model`), so the model stays a `TSR`
-and `encode`, `render_rays` and `extract_mesh` work unchanged. Every saved adapter records its
-own rank, alpha and targets, so inference never has to guess them (the course project's
-inference hard-coded r=16, alpha=16).
-
-Files an adapter folder holds:
-- `adapter_config.json` + `adapter_model.safetensors`: peft's format; keys carry the
-  `base_model.model.` prefix PeftModel.save_pretrained writes; r/alpha also sit in the
-  safetensors header, so the weights file alone loads with the right scale.
-- `tsr_adapter.json`: ours: base model id, a fingerprint of the base weights, the tsr config
-  and whatever the caller passes (e.g. the training config).
-
-Plain peft reads the folder too (tests/test_lora.py checks both, peft 0.21):
-- `PeftModel.from_pretrained(TSR.from_pretrained(...), folder)`: a PeftModel wrapping our
-  custom nn.Module; attribute access (`.encode`, `.render_rays`) reaches the TSR inside.
-- `inject_adapter_in_model(LoraConfig.from_pretrained(folder), model)` then
-  `set_peft_model_state_dict(model, load_peft_weights(folder))`: the TSR itself, adapted in
-  place (this is what `load_adapter` does, plus the checks and the course format).
+See `utils.training.lora` for what an adapter folder holds and how plain peft reads it.
 """
 
 from __future__ import annotations
@@ -31,147 +14,28 @@ import warnings
 from pathlib import Path
 
 import torch
-from peft import (
-    LoraConfig,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_peft_model_state_dict,
-)
-from peft.tuners.lora import LoraLayer
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from tsr.io import read_state_dict
 from tsr.model import TSR
+from utils.training.lora import candidate_linears, lora_layers, lora_state_dict
 
-_BLOCKS = r"backbone\.transformer_blocks\.\d+"
-# Named target sets; a string value is a regular expression matched against the full name.
-TARGET_PRESETS: dict[str, str | list] = {
-    "attn": _BLOCKS + r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
-    "self": _BLOCKS + r"\.attn1\.(to_q|to_k|to_v|to_out\.0)",
-    "cross": _BLOCKS + r"\.attn2\.(to_q|to_k|to_v|to_out\.0)",
-    "attn+ff": _BLOCKS + r"\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)",
-}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
 ADAPTER_CONFIG = "adapter_config.json"
+
+
 TSR_METADATA = "tsr_adapter.json"
+
+
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
+
+
 COURSE_ALPHA = 16.0  # the course project's .pth has no alpha; its scripts always used 16
-
-
-def _candidate_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers LoRA may wrap, by name; already-wrapped layers keep their original name."""
-    found = {}
-    for name, module in model.named_modules():
-        if "lora_" in name or name.endswith(".base_layer"):
-            continue
-        if isinstance(module, (nn.Linear, LoraLayer)):
-            found[name] = module
-    return found
-
-
-def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Full module names for a preset (`"attn"`), a list of names (or peft-style name
-    suffixes such as `"to_q"`) or a regex prefixed `re:`. Raises if nothing matches."""
-    linears = _candidate_linears(model)
-    if isinstance(targets, str) and (targets in TARGET_PRESETS or targets.startswith("re:")):
-        preset = TARGET_PRESETS.get(targets, targets.removeprefix("re:"))
-        if isinstance(preset, list):
-            return resolve_targets(model, preset)
-        names = [name for name in linears if re.fullmatch(preset, name)]
-        if not names:
-            raise ValueError(
-                f"LoRA targets {targets!r} match no Linear layer of this model; print "
-                "model.named_modules() to see the names"
-            )
-        return names
-    if isinstance(targets, str):
-        raise ValueError(
-            f"unknown LoRA target preset {targets!r}: choose one of {sorted(TARGET_PRESETS)}, "
-            "a list of module names, or a regex written 're:PATTERN'"
-        )
-    names, unmatched = [], []
-    for target in targets:
-        hits = [n for n in linears if n == target or n.endswith("." + target)]
-        unmatched += [] if hits else [target]
-        names += [n for n in hits if n not in names]
-    if unmatched:
-        raise ValueError(f"LoRA targets {unmatched} match no Linear layer of this model")
-    return names
-
-
-def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def add_lora(
-    model: TSR, r: int = 16, alpha: float = 16, dropout: float = 0.05, targets="attn"
-) -> TSR:
-    """Wrap the target Linear layers with LoRA (A random, B zero: the output is unchanged),
-    freeze every base weight and keep the adapter in float32 whatever the base dtype."""
-    if _lora_layers(model):
-        raise ValueError("the model already has LoRA layers: use a fresh model, or load_adapter")
-    names = resolve_targets(model, targets)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
-    config.base_model_name_or_path = getattr(model, "source", None)
-    inject_adapter_in_model(config, model)
-    model.train(model.training)  # new LoRA dropouts start in train mode; follow the model's mode
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
-        if "lora_" in name and parameter.is_floating_point():
-            parameter.data = parameter.data.float()  # fp32 master weights for the optimiser
-    return model
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, peft-named without adapter name: `<module>.lora_A.weight`."""
-    # No embedding-layer check: it would look up the base model's config.json on the Hub.
-    return get_peft_model_state_dict(model, save_embedding_layers=False)
-
-
-def _kind(name: str) -> str:
-    """`backbone.transformer_blocks.3.attn1.to_q` -> `attn1.to_q` (what a target is per block)."""
-    return re.sub(r"^.*transformer_blocks\.\d+\.", "", name)
-
-
-def trainable_parameter_report(model: nn.Module) -> dict:
-    """Trainable and total parameter counts, percent, and counts per kind of target layer."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    by_kind: dict[str, dict[str, int]] = {}
-    for name, layer in _lora_layers(model).items():
-        entry = by_kind.setdefault(_kind(name), {"modules": 0, "params": 0})
-        entry["modules"] += 1
-        entry["params"] += sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)
-    return {
-        "trainable": trainable,
-        "total": total,
-        "percent": 100.0 * trainable / max(total, 1),
-        "n_targets": len(_lora_layers(model)),
-        "by_kind": by_kind,
-    }
-
-
-def lora_size_table(model: nn.Module, ranks=(4, 8, 16, 32), targets="attn") -> str:
-    """Markdown table: adapter parameters and fp32 size per rank, from the layer shapes alone
-    (r * (in + out) per wrapped Linear), so a meta-device model is enough."""
-    linears = _candidate_linears(model)
-    names = resolve_targets(model, targets)
-    base_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    per_rank = sum(linears[n].in_features + linears[n].out_features for n in names)
-    label = targets if isinstance(targets, str) else "listed"
-    rows = [
-        f"LoRA on {len(names)} Linear layers (targets: {label})",
-        "",
-        "| r | trainable parameters | % of the base model | adapter file (fp32) |",
-        "|---:|---:|---:|---:|",
-    ]
-    for r in ranks:
-        count = r * per_rank
-        percent = 100 * count / base_total
-        rows.append(f"| {r} | {count:,} | {percent:.3f} % | {count * 4 / 2**20:.1f} MB |")
-    return "\n".join(rows)
 
 
 class _StateView:
@@ -288,7 +152,7 @@ def _read_adapter(path: Path) -> tuple[dict, dict, dict]:
 
 def _check_fits(model: nn.Module, state: dict, source: Path) -> tuple[list[str], int]:
     """Target names and rank of an adapter state; a clear error if it does not fit the model."""
-    linears = _candidate_linears(model)
+    linears = candidate_linears(model)
     names, ranks = [], set()
     for key, value in state.items():
         match = re.fullmatch(r"(.+)\.lora_A\.weight", key)
@@ -336,7 +200,7 @@ def load_adapter(model: TSR, path, alpha: float | None = None, dropout: float | 
         )
     dropout = settings.get("lora_dropout", 0.0) if dropout is None else dropout
     names, rank = _check_fits(model, state, path)
-    existing = _lora_layers(model)
+    existing = lora_layers(model)
     if not existing:
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
         config.base_model_name_or_path = metadata.get("base_model", getattr(model, "source", None))
@@ -353,7 +217,7 @@ def load_adapter(model: TSR, path, alpha: float | None = None, dropout: float | 
             f"model's LoRA layers (rank {ours.r}, alpha {ours.lora_alpha}, {len(existing)} "
             "layers): load it into a model without LoRA"
         )
-    dtype = _lora_layers(model)[names[0]].lora_A["default"].weight.dtype
+    dtype = lora_layers(model)[names[0]].lora_A["default"].weight.dtype
     result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
@@ -386,19 +250,3 @@ def export_course_adapter(model: TSR, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
-
-
-def merge_adapter(model: TSR) -> TSR:
-    """Fold each LoRA update into its base Linear and drop the wrappers: plain TSR again."""
-    for name, layer in list(_lora_layers(model).items()):
-        layer.merge(safe_merge=True)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
-
-
-def gradient_checkpointing(model: TSR, enabled: bool = True) -> None:
-    """Recompute backbone blocks in backward instead of storing their activations."""
-    model.backbone.gradient_checkpointing = enabled

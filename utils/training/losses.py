@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from tsr.cameras import pixel_to_ray
-
 _LPIPS_STATE: dict[str, object] = {}  # "model": the network or None; "told_rays": said why off
 
 
@@ -51,40 +49,6 @@ def load_lpips(
     return None if network is None else network.to(device)
 
 
-def psnr(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB for colours in [0, 1]. (..., 3), (..., 3) -> ()"""
-    mse = F.mse_loss(predicted.float().clamp(0, 1), target.float())
-    return -10.0 * torch.log10(mse.clamp(min=1e-10))
-
-
-def mask_iou(opacity: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Intersection over union of rendered opacity and target mask, both thresholded. -> ()"""
-    predicted, target = opacity.squeeze(-1) > threshold, mask > threshold
-    union = (predicted | target).sum()
-    # an empty prediction of an empty target is a perfect match
-    return (predicted & target).sum() / union if union > 0 else opacity.new_tensor(1.0)
-
-
-def chromaticity_error(
-    predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5
-) -> torch.Tensor:
-    """Colour without brightness: mean L1 distance between rgb / (r + g + b) of the predicted
-    and the true colours, on the true object's pixels. (..., 3), (..., 3), (...) -> ()
-
-    PSNR mixes colour with shape and shading; this says whether the hue is right. 0 is the
-    right hue; plain grey scores ~0.27 on the saturated primitives. NaN without object pixels.
-    """
-    on_object = mask > threshold
-    if not on_object.any():
-        return predicted.new_tensor(math.nan)
-
-    def chromaticity(rgb: torch.Tensor) -> torch.Tensor:
-        rgb = rgb[on_object].float().clamp(0, 1)  # (N, 3)
-        return rgb / rgb.sum(-1, keepdim=True).clamp(min=1e-3)
-
-    return (chromaticity(predicted) - chromaticity(target)).abs().sum(-1).mean()
-
-
 def render_loss(
     rendered: dict[str, torch.Tensor],
     target: dict[str, torch.Tensor],
@@ -104,10 +68,11 @@ def render_loss(
         opacity = rendered["opacity"].float().squeeze(-1)  # (...)
         terms = {"rgb": F.mse_loss(rgb, target["rgb"].float())}
         if weights.get("mask", 0.0) > 0:
-            # clamped: an opacity of exactly 0 or 1 would give log(0)
-            terms["mask"] = F.binary_cross_entropy(
-                opacity.clamp(1e-5, 1 - 1e-5), target["mask"].float()
-            )
+            # clamped: an opacity of exactly 0 or 1 would give log(0). A NaN opacity (diverged
+            # weights) would make the BCE raise before the loop's non-finite check can stop
+            # training with its message; the colour term carries the NaN there instead.
+            opacity = torch.nan_to_num(opacity, nan=0.5).clamp(1e-5, 1 - 1e-5)
+            terms["mask"] = F.binary_cross_entropy(opacity, target["mask"].float())
         if weights.get("depth", 0.0) > 0:
             # only where the target ray hits the object: background depth is a 0 placeholder
             hit = target["mask"] > 0.5
@@ -163,47 +128,3 @@ def occupancy_losses(
             error = (decoded["color"].float() - item["occupancy_colour"][chosen].to(device)) ** 2
             terms["surface_colour"] = error[near].mean() if near.any() else error.sum() * 0
     return terms
-
-
-def _novel_views(item: dict) -> list[int]:
-    """Indices into item['rgb'] of the views other than the conditioning view 0."""
-    view_indices = item.get("view_indices")
-    if view_indices is None:
-        return list(range(item["rgb"].shape[0]))
-    return [i for i, view in enumerate(view_indices.tolist()) if view != 0]
-
-
-@torch.no_grad()
-def validate(model, dataset, config) -> dict[str, float]:
-    """Novel-view loss, PSNR and mask IoU of the first `config.val_objects` objects, on a
-    regular grid of about `config.val_rays_per_view` pixels per view (cheap, unbiased).
-    -> {"val_loss", "val_psnr", "val_mask_iou"}, means over objects"""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    totals = {"val_loss": 0.0, "val_psnr": 0.0, "val_mask_iou": 0.0}
-    n_objects = min(len(dataset), config.val_objects)
-    for index in range(n_objects):
-        item = dataset[index]
-        scene_code = model.encode(item["cond_image"][None].to(device))[0]
-        _, height, width, _ = item["rgb"].shape
-        stride = max(1, round(math.sqrt(height * width / config.val_rays_per_view)))
-        grid = torch.arange(stride // 2, height, stride), torch.arange(stride // 2, width, stride)
-        pixels = torch.cartesian_prod(*grid)  # (N, 2) as (row, column)
-        rows, cols = pixels[:, 0], pixels[:, 1]
-        rendered, truth = [], []
-        for view in _novel_views(item):
-            rays_o, rays_d = pixel_to_ray(
-                item["c2w"][view], pixels, height, width, item["fovy_deg"]
-            )
-            rendered.append(model.render_rays(scene_code, rays_o.to(device), rays_d.to(device)))
-            truth.append(
-                {k: item[k][view][rows, cols].to(device) for k in ("rgb", "mask", "depth")}
-            )
-        rendered = {k: torch.cat([r[k] for r in rendered]) for k in rendered[0]}
-        truth = {k: torch.cat([t[k] for t in truth]) for k in truth[0]}
-        totals["val_loss"] += float(render_loss(rendered, truth, config.loss_weights())["loss"])
-        totals["val_psnr"] += float(psnr(rendered["rgb"], truth["rgb"]))
-        totals["val_mask_iou"] += float(mask_iou(rendered["opacity"], truth["mask"]))
-    model.train(was_training)
-    return {key: value / max(n_objects, 1) for key, value in totals.items()}

@@ -1,6 +1,6 @@
 """Many meshes -> a dataset folder, objects rendered in parallel.
 
-Sources are procedural shapes (`utils.shapes`) or a folder of mesh files (searched
+Sources are procedural shapes (`utils.data.shapes`) or a folder of mesh files (searched
 recursively). Each object goes through `prepare_object` (atomic, skipped when already built);
 then two small files describe the set:
 
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .prepare_object import MESH_SUFFIXES, MeshLoadError, load_mesh, prepare_object
-from .shapes import FAMILIES, make_shape
+from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, load_mesh
+from utils.data.prepare_object import prepare_object
+from utils.data.shapes import FAMILIES, make_shape
 
 
 @dataclass(frozen=True)

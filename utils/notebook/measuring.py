@@ -1,0 +1,142 @@
+"""Measuring time and peak memory of a piece of work (notebook 04 and the benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import math
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psutil
+import torch
+
+from tsr import mesh as mesh_extraction
+from tsr.model import TSR
+
+SAMPLE_EVERY_S = 0.002  # RSS sampling period where the kernel's peak counter cannot be reset
+
+
+# The columns of mesh_extraction_benchmark's records worth a table.
+BENCHMARK_COLUMNS = ("method", "resolution", "chunk_size", "seconds", "peak_memory_mb", "volume_mb",
+                     "n_queries", "n_faces", "memory_measure")  # fmt: skip
+
+
+# ---- measuring mesh extraction ---------------------------------------------------------------
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmHWM") >= 0
+    except (OSError, AttributeError):  # no /proc, or no VmHWM line
+        return False
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by earlier work back to the OS, so the next baseline is honest."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_memory(device: str | torch.device = "cpu") -> Iterator[dict]:
+    """Peak memory of the block in MB above its start, put in the yielded dict as `peak_mb`,
+    with `how` it was measured: CUDA: max_memory_allocated (tensors only, exact). CPU on
+    Linux: the kernel's peak-RSS counter, reset at the start (whole process, exact).
+    Elsewhere: RSS sampled every 2 ms by a thread (can miss peaks shorter than that)."""
+    device = torch.device(device)
+    result: dict = {}
+    _return_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        result.update(peak_mb=(peak - start) / 2**20, how="CUDA max_memory_allocated")
+        return
+    process = psutil.Process()
+    start = process.memory_info().rss / 2**20
+    if _reset_peak_rss():
+        yield result
+        result.update(peak_mb=_status_mb("VmHWM") - start, how="peak RSS (Linux VmHWM)")
+        return
+    samples, done = [start], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SAMPLE_EVERY_S):
+            samples.append(process.memory_info().rss / 2**20)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+    samples.append(process.memory_info().rss / 2**20)
+    result.update(peak_mb=max(samples) - start, how="RSS sampled every 2 ms")
+
+
+def mesh_extraction_benchmark(
+    model: TSR,
+    scene_code: torch.Tensor,
+    threshold: float,
+    resolutions: Sequence[int] = (64, 128),
+    chunk_sizes: Sequence[int] | None = None,
+    methods: Sequence[str] = ("dense",),
+    repeats: int = 1,
+) -> list[dict]:
+    """Time and peak memory of one extraction (grid queries + marching cubes) for every
+    (method, resolution, chunk size); chunk_sizes None: the device's default. The grid's
+    chunk is what the decoder sees (the renderer's own chunking is off meanwhile). `seconds`
+    is the best of `repeats` runs (others' work on a shared CPU only ever adds time), its split
+    into queries and marching cubes the last run's. scene_code (3, C, H, W). -> a record each"""
+    device = scene_code.device
+    chunk_sizes = chunk_sizes or [mesh_extraction.default_chunk_size(device)]
+    previous_chunk = model.renderer.chunk_size
+    model.renderer.set_chunk_size(0)
+
+    def density(points: torch.Tensor) -> torch.Tensor:  # (N, 3) -> (N,)
+        return model.renderer.query_triplane(model.decoder, points, scene_code)["density_act"][:, 0]
+
+    records = []
+    try:
+        for method in methods:
+            for resolution in resolutions:
+                for chunk_size in chunk_sizes:
+                    seconds, extraction = math.inf, None
+                    with peak_memory(device) as memory:
+                        for _ in range(repeats):
+                            extraction = None  # the last run's mesh must not count in this one
+                            start = time.perf_counter()
+                            extraction = mesh_extraction.extract_isosurface(
+                                density, resolution, threshold, model.config.renderer.radius,
+                                chunk_size, method=method, device=device,
+                            )  # fmt: skip
+                            seconds = min(seconds, time.perf_counter() - start)
+                    records.append({
+                        "method": extraction.method, "resolution": resolution,
+                        "chunk_size": chunk_size, "seconds": seconds,
+                        "query_seconds": extraction.query_seconds,
+                        "marching_seconds": extraction.marching_seconds,
+                        "peak_memory_mb": memory["peak_mb"],
+                        "volume_mb": 4 * resolution**3 / 2**20,  # one float32 level volume
+                        "n_queries": extraction.n_queries, "n_faces": len(extraction.faces),
+                        "memory_measure": memory["how"],
+                    })  # fmt: skip
+    finally:
+        model.renderer.set_chunk_size(previous_chunk)
+    return records

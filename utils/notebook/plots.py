@@ -1,0 +1,182 @@
+"""Figures for the notebooks and CLIs: live loss curves, contact sheets, camera frustums,
+comparison grids, metric bars and benchmark lines.
+
+Every function builds a `matplotlib.figure.Figure` directly (not through pyplot), so nothing
+is shown twice by the inline backend and everything also works headless (Agg).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from utils.data.dataset import DEPTH_BACKGROUND
+
+BACKGROUND_DEPTH_COLOR = "white"  # pixels whose depth is the dataset's DEPTH_BACKGROUND
+
+
+def _as_image(image) -> np.ndarray | None:
+    """uint8 or [0, 1] float arrays (H, W), (H, W, 3) or (H, W, 4), or torch tensors; RGBA is
+    composited over white so the background reads as paper."""
+    if image is None:
+        return None
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    array = np.clip(array.astype(np.float32), 0.0, 1.0)
+    if array.ndim == 3 and array.shape[-1] == 4:
+        alpha = array[..., 3:]
+        array = array[..., :3] * alpha + (1.0 - alpha)
+    return array
+
+
+def contact_sheet(
+    rgba: np.ndarray,
+    depth: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """Views of one object in columns; rows RGB, mask, depth.
+
+    rgba (V, H, W, 4) uint8; depth (V, H, W) as the dataset stores it (DEPTH_BACKGROUND where
+    a ray misses, drawn white); masks (V, H, W), by default the alpha channel. Depth shares one colour scale across views (near = dark).
+    """
+    rgba = np.asarray(rgba)
+    n_views = rgba.shape[0]
+    if masks is None:
+        masks = rgba[..., 3] > 0
+    rows = [("RGB", [_as_image(view) for view in rgba]), ("mask", list(np.asarray(masks)))]
+    if depth is not None:
+        depth = np.ma.masked_equal(np.asarray(depth, dtype=np.float32), DEPTH_BACKGROUND)
+        hits = depth.compressed()
+        near, far = (hits.min(), hits.max()) if hits.size else (0.0, 1.0)
+        rows.append(("depth", list(depth)))
+    fig = Figure(figsize=(1.6 * n_views, 1.7 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), n_views, squeeze=False)
+    for row, (name, images) in enumerate(rows):
+        for col, image in enumerate(images):
+            ax = axes[row, col]
+            if name == "depth":
+                cmap = colormaps["viridis"].with_extremes(bad=BACKGROUND_DEPTH_COLOR)
+                ax.imshow(image, cmap=cmap, vmin=near, vmax=far)
+            elif name == "mask":
+                ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+            if row == 0:
+                ax.set_title(titles[col] if titles is not None else f"view {col}", fontsize="small")
+    return fig
+
+
+def plot_camera_frustums(
+    c2w: np.ndarray,
+    fovy_deg: float,
+    points=None,
+    ax=None,
+    aspect: float = 1.0,
+    frustum_depth: float | None = None,
+    max_points: int = 2000,
+):
+    """Cameras as pyramids around the object in TripoSR's world (z up); view 0, the
+    conditioning view, in red. c2w (V, 4, 4) OpenGL camera-to-world; `points` is a trimesh
+    or (N, 3) points drawn as a cloud. Returns the 3D axes."""
+    c2w = np.asarray(c2w, dtype=np.float64)
+    if ax is None:
+        ax = Figure(figsize=(5, 5)).add_subplot(projection="3d")
+    centres = c2w[:, :3, 3]  # (V, 3)
+    if frustum_depth is None:
+        frustum_depth = 0.25 * float(np.median(np.linalg.norm(centres, axis=-1)))
+    half_h = frustum_depth * math.tan(math.radians(fovy_deg) / 2)
+    half_w = half_h * aspect
+    # Image corners in camera space (x right, y up, looking down -z): TL, TR, BR, BL.
+    corners_cam = np.array(
+        [[-half_w, half_h, -frustum_depth], [half_w, half_h, -frustum_depth],
+         [half_w, -half_h, -frustum_depth], [-half_w, -half_h, -frustum_depth]]
+    )  # fmt: skip
+    for index, pose in enumerate(c2w):
+        corners = corners_cam @ pose[:3, :3].T + pose[:3, 3]  # (4, 3)
+        color, width = ("red", 2.0) if index == 0 else ("C0", 0.8)
+        for corner in corners:
+            ax.plot(*zip(pose[:3, 3], corner, strict=True), color=color, lw=width)
+        ring = np.vstack([corners, corners[:1]])
+        ax.plot(ring[:, 0], ring[:, 1], ring[:, 2], color=color, lw=width)
+        # A tick on the top edge shows which way is up in the image.
+        top = corners[:2].mean(0) + pose[:3, 1] * 0.3 * half_h
+        ax.plot(*zip(corners[0], top, corners[1], strict=True), color=color, lw=width)
+    ax.plot([], [], color="red", lw=2, label="view 0 (conditioning)")
+    if points is not None:
+        cloud = np.asarray(points.vertices if hasattr(points, "vertices") else points)
+        if len(cloud) > max_points:
+            cloud = cloud[np.random.default_rng(0).choice(len(cloud), max_points, replace=False)]
+        ax.scatter(cloud[:, 0], cloud[:, 1], cloud[:, 2], s=1, color="0.4")
+    extent = float(np.abs(centres).max()) + frustum_depth
+    ax.set(xlim=(-extent, extent), ylim=(-extent, extent), zlim=(-extent, extent))
+    ax.set_box_aspect((1, 1, 1))
+    ax.set(xlabel="x", ylabel="y", zlabel="z (up)")
+    ax.legend(loc="upper left", fontsize="small")
+    return ax
+
+
+def comparison_grid(
+    rows: Sequence[Sequence],
+    row_titles: Sequence[str] | None = None,
+    col_titles: Sequence[str] | None = None,
+    panel_inches: float = 1.8,
+) -> Figure:
+    """Images in a grid, e.g. input | target | prediction per object, or base | LoRA.
+    An image may be None (an empty panel)."""
+    n_rows, n_cols = len(rows), max(len(row) for row in rows)
+    fig = Figure(figsize=(panel_inches * n_cols, panel_inches * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            image = _as_image(rows[r][c]) if c < len(rows[r]) else None
+            if image is not None:
+                ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0 and col_titles is not None:
+                ax.set_title(col_titles[c], fontsize="small")
+            if c == 0 and row_titles is not None:
+                ax.set_ylabel(row_titles[r], fontsize="small")
+    return fig
+
+
+def benchmark_plot(
+    records: Sequence[dict],
+    x: str,
+    ys: Sequence[str] = ("seconds", "peak_memory_mb"),
+    group_by: str | None = None,
+    log_x: bool = True,
+    log_y: bool = True,
+) -> Figure:
+    """Measurements as lines: one panel per quantity in `ys` against `x` (e.g. chunk size),
+    one line per value of `group_by` (e.g. resolution); log axes by default."""
+    groups: dict = {}
+    for record in records:
+        groups.setdefault(record.get(group_by) if group_by else None, []).append(record)
+    fig = Figure(figsize=(4.0 * len(ys), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(ys), squeeze=False)[0]
+    for ax, y in zip(axes, ys, strict=True):
+        for group, rows in groups.items():
+            rows = sorted(rows, key=lambda r: r[x])
+            label = f"{group_by}={group}" if group_by else None
+            ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", label=label)
+        ax.set(xlabel=x, ylabel=y)
+        if log_x:
+            ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        if group_by:
+            ax.legend(fontsize="small")
+    return fig
