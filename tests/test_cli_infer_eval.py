@@ -17,6 +17,7 @@ from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset
+from utils.evaluation.threshold import choose_threshold
 from utils.training.adapters import export_course_adapter, save_adapter
 from utils.training.lora import add_lora
 
@@ -33,7 +34,7 @@ def run(script: str, *args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """A 2-object dataset, an adapter (folder and course .pth) and a threshold the adapted
-    model surely reaches (its 0.9-quantile density on this object)."""
+    model surely reaches (`choose_threshold` on this object)."""
     tmp = tmp_path_factory.mktemp("cli")
     prepare_dataset(
         tmp / "data", families=("primitives",), n_objects=2, n_views=3, size=32, workers=1
@@ -46,18 +47,14 @@ def setup(tmp_path_factory) -> dict:
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
     adapter = save_adapter(model, tmp / "adapter")
     course = export_course_adapter(model, tmp / "lora_weights.pth")
-    code = model.encode(dataset[0]["cond_image"][None])[0]
-    axis = torch.linspace(-0.87, 0.87, 24)
-    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    with torch.no_grad():
-        density = model.renderer.query_triplane(model.decoder, points, code)["density_act"]
+    level = choose_threshold(model, model.encode(dataset[0]["cond_image"][None]))
     images = tmp / "images"
     images.mkdir()
     for object_id in dataset.object_ids:
         Image.open(tmp / "data" / object_id / "rgba" / "000.png").save(images / f"{object_id}.png")
     return {
         "tmp": tmp, "data": tmp / "data", "adapter": adapter, "course": course, "images": images,
-        "threshold": float(density.quantile(0.9)), "ids": dataset.object_ids,
+        "threshold": level, "ids": dataset.object_ids,
     }  # fmt: skip
 
 

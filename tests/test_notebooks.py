@@ -19,8 +19,8 @@ import trimesh
 
 from tsr.model import TSR
 from utils.data.dataset import read_object
-from utils.notebook import measuring, setup, tables
-from utils.notebook import previews as nbh
+from utils.evaluation.threshold import choose_threshold
+from utils.notebook import measuring, previews, setup, tables
 from utils.training import adapters, lora, recipes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,19 +117,19 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 def test_choose_threshold_keeps_the_models_level_when_the_field_crosses_it(tiny):
     code = torch.randn(1, 3, 8, 16, 16)
-    quantile = nbh.choose_threshold(tiny, code, quantile=0.5)  # 25 is far above this field
+    quantile = choose_threshold(tiny, code, quantile=0.5)  # 25 is far above this field
     assert quantile < tiny.config.mc_threshold
     original = tiny.config.mc_threshold
     try:
         tiny.config.mc_threshold = quantile
-        assert nbh.choose_threshold(tiny, code) == quantile
+        assert choose_threshold(tiny, code) == quantile
     finally:
         tiny.config.mc_threshold = original
 
 
 def test_mesh_extraction_benchmark_records_each_case(tiny):
     code = torch.randn(3, 8, 16, 16)
-    threshold = nbh.choose_threshold(tiny, code[None])
+    threshold = choose_threshold(tiny, code[None])
     renderer_chunk = tiny.renderer.chunk_size
     records = measuring.mesh_extraction_benchmark(tiny, code, threshold, (8, 16), (64, 4096))
     assert [(r["resolution"], r["chunk_size"]) for r in records] == [
@@ -146,7 +146,7 @@ def test_mesh_extraction_benchmark_records_each_case(tiny):
 def test_depth_points_lie_on_the_ground_truth_surface(smoke_data):
     object_dir = next(p for p in sorted(smoke_data.iterdir()) if (p / "meta.json").exists())
     views = read_object(object_dir)
-    points = nbh.depth_points(views, 1)
+    points = previews.depth_points(views, 1)
     _, distance, _ = trimesh.load(object_dir / "mesh.glb", force="mesh").nearest.on_surface(points)
     assert len(points) > 50 and np.median(distance) < 0.02
 
@@ -165,7 +165,7 @@ def test_gradient_norms_tell_lora_a_from_b(tiny):
     model = lora.add_lora(TSR.from_config("tiny", seed=0), r=4, alpha=4)
     image = torch.rand(1, model.config.cond_image_size, model.config.cond_image_size, 3)
     model.encode(image).square().mean().backward()
-    rows = {row["parameters"]: row for row in nbh.gradient_norms(model)}
+    rows = {row["parameters"]: row for row in previews.gradient_norms(model)}
     assert rows["base weights"]["with a gradient"] == 0
     assert rows["lora_A"]["gradient norm"] == 0.0  # B = 0 at initialisation blocks A's gradient
     assert rows["lora_B"]["gradient norm"] > 0.0
@@ -200,7 +200,7 @@ def test_per_object_rows_and_the_most_changed_object_skip_nothing_but_empty_mesh
 
 
 def test_export_meshes_writes_every_format(tmp_path):
-    rows = nbh.export_meshes({"box": trimesh.creation.box()}, tmp_path, ("obj", "glb"))
+    rows = previews.export_meshes({"box": trimesh.creation.box()}, tmp_path, ("obj", "glb"))
     assert [Path(row["path"]).name for row in rows] == ["box.obj", "box.glb"]
     assert len(trimesh.load(tmp_path / "box.glb", force="mesh").faces) == 12
 

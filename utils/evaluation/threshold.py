@@ -1,4 +1,6 @@
-"""Choosing the marching-cubes level of a model from data: the level with the best Chamfer."""
+"""The marching-cubes level to mesh a model at: its own level when its field crosses it
+(`choose_threshold`, with a fallback for untrained models), or, to calibrate a model, the
+level with the best Chamfer on validation objects (`best_threshold_by_chamfer`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 import trimesh
 from tqdm.auto import tqdm
 
+from tsr import mesh as mesh_extraction
 from tsr.model import TSR
 from utils.data.dataset import MultiViewDataset
 from utils.evaluation.evaluate import ground_truth_mesh
@@ -56,3 +59,26 @@ def best_threshold_by_chamfer(
             totals[level]["f@0.05"] += scores["f@0.05"] / n_objects
     best = min(levels, key=lambda level: totals[level]["chamfer_l1"])
     return float(best), {f"{level:g}": values for level, values in totals.items()}
+
+
+@torch.no_grad()
+def choose_threshold(model: TSR, scene_codes: torch.Tensor, quantile: float = 0.9) -> float:
+    """The model's own marching-cubes level when every scene's density crosses it, else the
+    `quantile` of the first scene's density on a 32^3 grid (an untrained model's density never
+    reaches a trained one's level, and its mesh would be empty)."""
+    axis = mesh_extraction.grid_axis(32, model.config.renderer.radius, scene_codes.device)
+    grid = torch.cartesian_prod(axis, axis, axis)  # (32^3, 3)
+    fields = [
+        model.renderer.query_triplane(model.decoder, grid, code)["density_act"][:, 0].float()
+        for code in scene_codes
+    ]
+    level = model.config.mc_threshold
+    if all(field.min() < level < field.max() for field in fields):
+        return level
+    chosen = float(fields[0].quantile(quantile))
+    low, high = float(fields[0].min()), float(fields[0].max())
+    print(
+        f"the model's threshold {level:g} is outside its density range [{low:.3g}, {high:.3g}] "
+        f"here (an untrained model?): using the {quantile:.0%} quantile, {chosen:.3g}"
+    )
+    return chosen

@@ -1,7 +1,7 @@
 """Pictures and controls the notebooks show: `render_camera`, `PreviewCallback` (fit()'s
 input | target | prediction previews during training), `object_gallery`, `mesh_explorer`,
 `export_meshes`, and the small views into a model a notebook prints (`depth_points`,
-`gradient_norms`, `choose_threshold`).
+`gradient_norms`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import trimesh
 
-from tsr import mesh as mesh_extraction
 from tsr.cameras import rays_from_c2w
 from tsr.model import TSR
 from utils.figures import figure_png
@@ -44,29 +43,6 @@ def gradient_norms(model: torch.nn.Module) -> list[dict]:
          "gradient norm": float(torch.cat(grads).norm()) if grads else 0.0}
         for kind, grads in kinds.items()
     ]  # fmt: skip
-
-
-@torch.no_grad()
-def choose_threshold(model: TSR, scene_codes: torch.Tensor, quantile: float = 0.9) -> float:
-    """The model's own marching-cubes level when every scene's density crosses it, else the
-    `quantile` of the first scene's density on a 32^3 grid (an untrained model's density never
-    reaches a trained one's level, and its mesh would be empty)."""
-    axis = mesh_extraction.grid_axis(32, model.config.renderer.radius, scene_codes.device)
-    grid = torch.cartesian_prod(axis, axis, axis)  # (32^3, 3)
-    fields = [
-        model.renderer.query_triplane(model.decoder, grid, code)["density_act"][:, 0].float()
-        for code in scene_codes
-    ]
-    level = model.config.mc_threshold
-    if all(field.min() < level < field.max() for field in fields):
-        return level
-    chosen = float(fields[0].quantile(quantile))
-    low, high = float(fields[0].min()), float(fields[0].max())
-    print(
-        f"the model's threshold {level:g} is outside its density range [{low:.3g}, {high:.3g}] "
-        f"here (an untrained model?): using the {quantile:.0%} quantile, {chosen:.3g}"
-    )
-    return chosen
 
 
 # ---- pictures ---------------------------------------------------------------------------------
