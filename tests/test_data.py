@@ -1,6 +1,8 @@
 """Renderer, object folders, course layout, dataset and ray sampling on tiny inputs."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +360,16 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     assert item["occupancy_points"].shape == (64, 3) and item["occupancy"].shape == (64,)
     assert item["occupancy_sdf"].shape == (64,) and item["occupancy_colour"].shape == (64, 3)
     assert ((item["occupancy_sdf"] < 0) == (item["occupancy"] > 0.5)).all()
+
+
+def test_the_dataset_reader_imports_no_builder_libraries():
+    """A machine that only trains needs neither the CAD kernel nor the ray casters."""
+    probe = (
+        "import sys, utils.data.dataset, utils.evaluation.evaluate, utils.training.train; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('manifold3d', 'embreex', 'rtree') or m.startswith('trimesh.ray')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
