@@ -22,7 +22,7 @@ from tsr.mesh import build_trimesh, extract_isosurface, grid_axis
 
 REFERENCE = Path(__file__).parent / "fixtures" / "triposr" / "tiny_s0_ref.npz"
 RADIUS = 0.87
-CPU_BACKENDS = [b for b in ("pymcubes", "skimage") if b in available_backends()]
+CPU_BACKENDS = [b for b in ("torch", "pymcubes", "skimage") if b in available_backends()]
 CENTRE = (0.1, -0.05, 0.03)
 
 
@@ -345,6 +345,51 @@ def test_coarse_to_fine_queries_less_and_stays_within_half_a_voxel(name):
     assert refined.n_queries * 5 <= dense.n_queries
     assert hausdorff(refined.verts, dense.verts) <= 0.5 * voxel(resolution)
     assert len(refined.faces) == pytest.approx(len(dense.faces), rel=0.01)
+
+
+# Our torch marching cubes against PyMCubes.
+def oriented_faces(faces: np.ndarray) -> list[tuple[int, int, int]]:
+    roll = np.argmin(faces, axis=1)  # each triangle from its smallest index, winding kept
+    rows = np.arange(len(faces))[:, None]
+    return sorted(map(tuple, faces[rows, (roll[:, None] + np.arange(3)) % 3].tolist()))
+
+
+def triangle_corners(verts: np.ndarray, faces: np.ndarray) -> list[tuple]:
+    """Each triangle as its corner positions (rounded to 1e-9), from its smallest corner."""
+    corners = [tuple(map(tuple, np.round(verts[face], 9))) for face in faces.astype(np.int64)]
+    first = [min(range(3), key=c.__getitem__) for c in corners]
+    return sorted(c[i:] + c[:i] for c, i in zip(corners, first, strict=True))
+
+
+def test_torch_marching_cubes_gives_pymcubes_triangles(reference):
+    rng = np.random.default_rng(0)
+    integer_ball = 30.0 - ((np.indices((13, 13, 13)) - 6) ** 2).sum(0)  # many exact zeros
+    volumes = [
+        reference["grid_density_act"].reshape(32, 32, 32) - reference["mc_threshold"],
+        rng.standard_normal((9, 14, 5)),  # every case, odd sizes
+        integer_ball,
+        np.ones((4, 4, 4)),  # no surface
+    ]
+    for volume in volumes:
+        level = torch.from_numpy(volume.astype(np.float32))
+        verts, faces = mc.marching_cubes_level(level, "torch")
+        expected_verts, expected_faces = mcubes.marching_cubes(level.numpy(), 0.0)
+        assert verts.shape == expected_verts.shape and faces.shape == expected_faces.shape
+        if len(faces) == 0:
+            continue
+        # The same triangles, wound the same way (outward), with the same (x, y, z) corners
+        # in grid units, to rounding. Compared by position: where the level is exactly 0,
+        # several edges put their vertex on one grid point.
+        assert triangle_corners(verts, faces) == triangle_corners(expected_verts, expected_faces)
+
+
+def test_torch_backend_world_coordinates_match_pymcubes():
+    ours = extract_isosurface(blobs, 40, 0.0, backend="torch")
+    theirs = extract_isosurface(blobs, 40, 0.0, backend="pymcubes")
+    assert ours.backend == "torch"
+    distance, index = cKDTree(theirs.verts).query(ours.verts)
+    assert distance.max() <= 1e-6  # float32 world coordinates
+    assert oriented_faces(index[ours.faces]) == oriented_faces(theirs.faces)
 
 
 @pytest.mark.slow
