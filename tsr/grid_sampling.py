@@ -40,9 +40,17 @@ class GridQuery:
     bar: tqdm | None  # advanced once per chunk, when given
     seen: torch.Tensor  # (2,) min and max density queried so far, kept on the device
     n_queries: int = 0
-    seconds: float = 0.0  # spent in density_fn, to estimate the rest of a long extraction
-    # Called once, with the seconds per point of the first chunk, when set.
-    after_first_chunk: Callable[[float], None] | None = field(default=None, repr=False)
+    n_chunks: int = 0
+    # Time and points of the chunks after the first (which pays one-off set-up costs: 2-3x
+    # the later ones for the decoders here), to estimate the rest of a long extraction.
+    warm_seconds: float = 0.0
+    warm_points: int = 0
+    # Called once, with seconds per point, after the next chunk that counts as warm.
+    after_warm_chunk: Callable[[float], None] | None = field(default=None, repr=False)
+
+    @property
+    def seconds_per_point(self) -> float | None:
+        return self.warm_seconds / self.warm_points if self.warm_points else None
 
     def __call__(self, axes, out: torch.Tensor, point_ids: torch.Tensor | None = None) -> None:
         """Fill out (X*Y*Z,), the flat level volume of the grid `axes[0] x axes[1] x axes[2]`
@@ -54,6 +62,8 @@ class GridQuery:
         if self.bar is not None:
             self.bar.total = (self.bar.total or 0) + len(chunks)
         for target, make_points in chunks:
+            warm = self.n_chunks > 0
+            self.n_chunks += 1
             tick = time.perf_counter()
             points = make_points()  # (N, 3)
             density = self.density_fn(points)
@@ -66,12 +76,14 @@ class GridQuery:
             out[target] = density - self.threshold  # in float32, as TripoSR
             low, high = torch.aminmax(density)
             self.seen[0], self.seen[1] = self.seen[0].minimum(low), self.seen[1].maximum(high)
-            if self.after_first_chunk is not None:
-                if points.is_cuda:  # kernels run asynchronously: time them, not their launch
-                    torch.cuda.synchronize(points.device)
-                report, self.after_first_chunk = self.after_first_chunk, None
-                report((time.perf_counter() - tick) / max(len(points), 1))
-            self.seconds += time.perf_counter() - tick
+            if warm:
+                if points.is_cuda and self.after_warm_chunk is not None:
+                    torch.cuda.synchronize(points.device)  # time the kernels, not their launch
+                self.warm_seconds += time.perf_counter() - tick
+                self.warm_points += len(points)
+                if self.after_warm_chunk is not None:
+                    report, self.after_warm_chunk = self.after_warm_chunk, None
+                    report(self.seconds_per_point)
             if self.bar is not None:
                 self.bar.update(1)
         self.n_queries += n_points

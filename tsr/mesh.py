@@ -130,7 +130,7 @@ class _Estimate:
         if seconds > WARN_ABOVE_SECONDS:
             queries = (
                 f"about {n_queries:,} density queries at {seconds_per_query * 1e6:.3g} us each "
-                f"(measured) = {_duration(n_queries * seconds_per_query)}, marching cubes "
+                f"(as measured so far) = {_duration(n_queries * seconds_per_query)}, marching cubes "
                 f"about {_duration(marching)}: about {_duration(seconds)} in all; "
             )
             warnings.warn(self._message(queries), stacklevel=4)
@@ -259,16 +259,18 @@ def extract_isosurface(
         query = GridQuery(density_fn, threshold, chunk_size, chunk_bar, seen)
         tick = time.perf_counter()
         sample = sample_dense
-        if method in ("dense", "blocks"):
-            query.after_first_chunk = lambda seconds: estimate.warn_if_slow(resolution**3, seconds)
-        else:
+        n_queries = resolution**3
+        if method not in ("dense", "blocks"):
             band = (
                 CoarseToFine(query, axis, coarse_step, margin)
                 if method == "coarse_to_fine"
                 else Certified(query, axis, coarse_step, lipschitz)
             )
-            sample = band.sample
-            estimate.warn_if_slow(band.fine_queries_estimate, query.seconds / query.n_queries)
+            sample, n_queries = band.sample, band.fine_queries_estimate
+        if query.seconds_per_point is None:
+            query.after_warm_chunk = lambda rate: estimate.warn_if_slow(n_queries, rate)
+        else:
+            estimate.warn_if_slow(n_queries, query.seconds_per_point)
         query_seconds += time.perf_counter() - tick
         for block in blocks:
             tick = time.perf_counter()
