@@ -21,7 +21,10 @@ less the RSS right after the model was loaded.
     python benchmarks/bench_mesh.py --full --device cuda   # full-size model on a GPU
 
 On CUDA, times include the copy of the mesh to the CPU, and "cuda peak" is
-torch.cuda.max_memory_allocated over the case (the forward pass included).
+torch.cuda.max_memory_allocated over the case (the forward pass included). "cpu s" is the
+case's CPU time (all threads): on a busy shared machine, cpu s / threads estimates the wall
+time on idle cores better than the wall time does (run with OMP_WAIT_POLICY=PASSIVE there, or
+OpenMP's spinning threads make every case many times slower).
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ MODELS = ("classroom", "full")
 # The full-size model is built once (a random init of 419M parameters takes ~40 s on 2
 # cores) and saved here, so each case's process only loads it.
 FULL_MODEL_CACHE = ROOT / "outputs" / "bench_cache" / "official-seed0"
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads). On a shared machine wall time grows with the
+    other processes' load; CPU time / threads is closer to what idle cores would take."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -104,7 +114,7 @@ def run_case(args) -> dict:
         scene_codes = model([image])
     rss_weights = psutil.Process().memory_info().rss / 2**20
     synchronize(args.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     verts = faces = None
     queries, method = None, args.case
     with torch.no_grad():
@@ -139,7 +149,7 @@ def run_case(args) -> dict:
                 result.method,
             )
     synchronize(args.device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     if verts is not None:
         np.save(args.save_verts, verts)
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0
@@ -150,6 +160,7 @@ def run_case(args) -> dict:
         "device": args.device,
         "resolution": args.resolution if verts is not None else None,
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
         "queries": queries,
         "faces": None if faces is None else len(faces),
         "peak_rss_mb": round(peak_rss_mb()),
@@ -193,7 +204,7 @@ def distance_to_dense(row: dict, rows: list[dict], verts_of: dict) -> str:
 
 def print_table(rows: list[dict], verts_of: dict) -> None:
     header = (
-        f"{'model':>9} {'case':>15} {'method':>15} {'R':>5} {'seconds':>9} {'queries':>11} "
+        f"{'model':>9} {'case':>15} {'method':>15} {'R':>5} {'seconds':>9} {'cpu s':>8} {'queries':>11} "
         f"{'faces':>8} {'peak RSS':>9} {'over wts':>9} {'vs dense':>10}"
     )
     print(header)
@@ -206,7 +217,8 @@ def print_table(rows: list[dict], verts_of: dict) -> None:
         cuda = f" cuda peak {row['cuda_peak_mb']} MB" if row["device"] != "cpu" else ""
         print(
             f"{row['model']:>9} {row['case']:>15} {row['method']:>15} "
-            f"{row['resolution'] or '-':>5} {row['seconds']:9.2f} {row['queries'] or '-':>11} "
+            f"{row['resolution'] or '-':>5} {row['seconds']:9.2f} {row['cpu_seconds']:8.2f} "
+            f"{row['queries'] or '-':>11} "
             f"{row['faces'] if row['faces'] is not None else '-':>8} "
             f"{row['peak_rss_mb']:>6d} MB {row['peak_above_weights_mb']:>6d} MB "
             f"{distance_to_dense(row, rows, verts_of):>10}{cuda}"
