@@ -44,8 +44,12 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# One table: mesh extraction (TripoSR's loop, dense, coarse-to-fine, the default) at 128/256/512
+# for the classroom and the full-size model, with time and peak memory: an hour or more on 2
+# cores. `make bench BENCH_ARGS=--quick` takes minutes (128/256 classroom, 128 full-size).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/bench_mesh.py
+	$(PY) benchmarks/bench_mesh.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

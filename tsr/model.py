@@ -189,9 +189,13 @@ class TSR(nn.Module):
         """Marching cubes on density_act = threshold, one mesh per scene.
 
         threshold None uses the model config's (25.0 for the official model). `method`:
-        "dense" (the official grid), "coarse_to_fine" (queries only near the surface),
-        "blocks" (bounded memory for 512+), "auto" (dense, or blocks when the volume is big).
-        `chunk_size` is points per grid query; `renderer.set_chunk_size` splits them further.
+        "dense" (the official grid), "coarse_to_fine" (queries only near the surface, may drop
+        small parts), "blocks" (bounded memory for 512+), "auto" (dense, or blocks when the
+        volume is big). "auto" is not surface-only: that needs a Lipschitz bound on the
+        density to be exact, and the decoder's provable bounds are thousands of times its
+        real slope (see tsr.mesh). `chunk_size` is points per grid query;
+        `renderer.set_chunk_size` splits them further. A long extraction shows a progress bar
+        and warns first with its estimated time and memory.
         """
         threshold = self.config.mc_threshold if threshold is None else threshold
         meshes = []
