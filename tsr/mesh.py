@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tsr.grid_sampling import Certified, CoarseToFine, DensityFn, GridQuery, sample_dense
 from tsr.marching_cubes import marching_cubes_level, resolve_backend, weld_block_seams
+from tsr.renderer import DECODER_CHUNK
 
 ColorFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N, 3) in [0, 1]
 
@@ -32,7 +33,7 @@ METHODS = ("auto", "dense", "coarse_to_fine", "certified", "blocks")
 # decoder is fastest at 8192-16384 points (larger chunks fall out of cache: 32768 costs 1.35x,
 # 262144 3x); a GPU wants larger chunks to fill it (131072 = a few tens of MB of activations;
 # not measured here).
-CHUNK_SIZE_CPU = 8192
+CHUNK_SIZE_CPU = DECODER_CHUNK
 CHUNK_SIZE_CUDA = 131072
 DEFAULT_CHUNK_SIZE = None  # per device, as above
 # "auto" keeps one volume up to this size (R = 406), then switches to blocks.
@@ -79,6 +80,16 @@ def grid_axis(resolution: int, radius: float, device: torch.device | str = "cpu"
     """
     unit = torch.linspace(0.0, 1.0, resolution).to(device)
     return unit * (2 * radius) + -radius
+
+
+def grid_to_world(verts: np.ndarray, resolution: int, radius: float) -> np.ndarray:
+    """Marching-cubes vertices in grid units (0 .. R-1) -> world coordinates. (V, 3) -> (V, 3)
+
+    matches TripoSR: float32 grid units / (R - 1), then t * (2r) + (-r) in float32 (torch), the
+    same arithmetic as `grid_axis`, so a vertex on a grid plane lands exactly on it.
+    """
+    world = torch.from_numpy(np.asarray(verts, dtype=np.float32)) / (resolution - 1.0)
+    return (world * (2 * radius) + -radius).numpy()
 
 
 def default_chunk_size(device: torch.device | str | None) -> int:
@@ -306,15 +317,13 @@ def extract_isosurface(
     if not one_volume:
         seams = np.array([b for _, b in ranges[:-1]], np.float64)
         verts, faces = weld_block_seams(verts, faces, seams, seam_tolerance)
-    # matches TripoSR: float32 grid units / (R - 1), then t * (2r) + (-r) in float32 (torch).
-    world = torch.from_numpy(verts.astype(np.float32)) / (resolution - 1.0)
-    world = world * (2 * radius) + -radius
+    world = grid_to_world(verts, resolution, radius)
     marching_seconds += time.perf_counter() - tick
     low, high = seen.tolist()
     if len(faces) == 0:
         warnings.warn(_empty_surface_message(threshold, low, high), stacklevel=2)
     return MeshExtraction(
-        verts=world.numpy(),
+        verts=world,
         faces=faces,
         n_queries=query.n_queries,
         resolution=resolution,
