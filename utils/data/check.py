@@ -59,16 +59,20 @@ def _image_size(path: Path, problems: list[str], fix: str, mode: str | None = No
     return size
 
 
-def _array_shape(path: Path, problems: list[str], fix: str):
-    """The shape of a .npy file from its header, or None with the problem noted."""
+def _depth_size(path: Path, problems: list[str], fix: str):
+    """(width, height) of a depth map from its .npy header, or None with the problem noted."""
     if not path.is_file():
         problems.append(f"missing ({path}): {fix}")
         return None
     try:
-        return np.load(path, mmap_mode="r").shape
+        shape = np.load(path, mmap_mode="r").shape
     except (OSError, ValueError) as error:
         problems.append(f"not a readable .npy array: {error} ({path}): {fix}")
         return None
+    if len(shape) != 2:
+        problems.append(f"a depth map of shape {shape}, not (height, width) ({path}): {fix}")
+        return None
+    return shape[1], shape[0]
 
 
 def _matrix_problem(value, shape: tuple[int, ...]) -> str | None:
@@ -103,7 +107,10 @@ def object_problems(object_dir: Path) -> list[str]:
     )
     problems: list[str] = []
     if not object_dir.is_dir():
-        return [f"listed in split.json but missing ({object_dir}): {fix}"]
+        return [
+            f"listed in split.json but missing ({object_dir}): run prepare_data.py again with "
+            "the set's settings (it builds missing objects), or remove it from split.json"
+        ]
     _read_json(object_dir / "meta.json", problems, fix)
     cameras = _read_json(object_dir / "cameras.json", problems, fix)
     if cameras is None:
@@ -124,8 +131,7 @@ def object_problems(object_dir: Path) -> list[str]:
             problems.append(f"view {index}'s c2w is {problem} ({where}): {fix}")
         png, npy = f"rgba/{index:03d}.png", f"depth/{index:03d}.npy"
         sizes[png] = _image_size(object_dir / png, problems, fix, mode="RGBA")
-        shape = _array_shape(object_dir / npy, problems, fix)
-        sizes[npy] = None if shape is None else (shape[-1], shape[0]) if len(shape) == 2 else shape
+        sizes[npy] = _depth_size(object_dir / npy, problems, fix)
     _view_sizes_agree(sizes, object_dir, problems, fix)
     return problems
 
@@ -185,10 +191,7 @@ def course_layout_problems(folder: Path) -> list[str]:
         name = f"{index:03d}"
         sizes[f"IMG/{name}.png"] = _image_size(folder / "IMG" / f"{name}.png", problems, fix)
         sizes[f"MASK/{name}.png"] = _image_size(folder / "MASK" / f"{name}.png", problems, fix)
-        shape = _array_shape(folder / "Depth" / f"{name}.npy", problems, fix)
-        sizes[f"Depth/{name}.npy"] = (
-            None if shape is None else (shape[-1], shape[0]) if len(shape) == 2 else shape
-        )
+        sizes[f"Depth/{name}.npy"] = _depth_size(folder / "Depth" / f"{name}.npy", problems, fix)
     _view_sizes_agree(sizes, folder, problems, fix)
     return problems
 
