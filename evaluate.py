@@ -16,9 +16,21 @@ from pathlib import Path
 
 import torch
 
+from tsr.errors import (
+    ArgumentParser,
+    UserInputError,
+    check_device,
+    flag_check,
+    grid_resolution,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
-from utils.data.dataset import MultiViewDataset
+from utils.data.check import check_dataset
+from utils.data.dataset import SPLITS, MultiViewDataset
 from utils.evaluation.evaluate import evaluate_model, sphere_records
 from utils.evaluation.report import compare, write_report
 from utils.training.adapters import load_adapter
@@ -26,11 +38,12 @@ from utils.training.lora import merge_adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(
+        prog="evaluate.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--data", default="data/default", help="a prepare_data.py dataset folder")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument(
         "--pretrained",
         default=DEFAULT_MODEL,
@@ -38,36 +51,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--adapter", help="LoRA adapter: folder, .safetensors or lora_weights.pth")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/eval"))
-    parser.add_argument("--mc-resolution", type=int, default=128, help="marching-cubes grid")
-    parser.add_argument("--threshold", type=float, default=None, help="default: the model's")
-    parser.add_argument("--n-points", type=int, default=10_000, help="surface points per mesh")
-    parser.add_argument("--views", type=int, default=None, help="views per object (default all)")
-    parser.add_argument("--max-objects", type=int, default=None, help="the first N of the split")
-    parser.add_argument("--seed", type=int, default=0, help="surface sampling seed")
+    parser.add_argument(
+        "--mc-resolution", type=grid_resolution, default=128, help="marching-cubes grid"
+    )
+    parser.add_argument(
+        "--threshold", type=positive_float, default=None, help="default: the model's"
+    )
+    parser.add_argument(
+        "--n-points", type=positive_int, default=10_000, help="surface points per mesh"
+    )
+    parser.add_argument(
+        "--views", default=None, help="views per object (default all; view 0 conditions)",
+        type=flag_check(int, lambda v: v >= 2, "an integer >= 2 (view 0 and a novel view)"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-objects", type=positive_int, default=None, help="the first N of the split"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="surface sampling seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        base = TSR.from_pretrained(args.pretrained)
-        dataset = MultiViewDataset(
-            args.data, args.split, args.views, cond_size=base.config.cond_image_size
-        )
-        adapted = None
-        if args.adapter:
-            adapted = merge_adapter(
-                load_adapter(TSR.from_pretrained(args.pretrained), args.adapter)
-            )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_device(args.device)
+    check_dataset(args.data, SPLITS[:3] if args.split == "all" else (args.split,))
+    if args.adapter and not Path(args.adapter).exists():
+        raise UserInputError(
+            "adapter not found", args.adapter,
+            "pass the adapter/ folder of a fine_tuning.py run, or its lora_weights.pth",
+        )  # fmt: skip
+    base = TSR.from_pretrained(args.pretrained)
+    dataset = MultiViewDataset(
+        args.data, args.split, args.views, cond_size=base.config.cond_image_size, check=False
+    )
+    adapted = None
+    if args.adapter:
+        adapted = merge_adapter(load_adapter(TSR.from_pretrained(args.pretrained), args.adapter))
     if args.max_objects is not None:
         dataset.object_ids = dataset.object_ids[: args.max_objects]
     if len(dataset) == 0:
-        print(f"error: split {args.split!r} of {args.data} has no objects", file=sys.stderr)
-        return 2
+        raise UserInputError(
+            f"split {args.split!r} has no objects", args.data, "choose another --split"
+        )
     # One level for both models, so a difference in meshes is the adapter's, not the threshold's.
     threshold = base.config.mc_threshold if args.threshold is None else args.threshold
     common = {
@@ -98,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

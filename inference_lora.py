@@ -21,7 +21,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tsr.__main__ import prepare_input
+from tsr.__main__ import check_images, prepare_input
+from tsr.errors import (
+    ArgumentParser,
+    UserInputError,
+    check_device,
+    fraction,
+    grid_resolution,
+    positive_float,
+    run_cli,
+)
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.training.adapters import load_adapter
@@ -32,9 +41,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(
+        prog="inference_lora.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image_path", type=Path, help="one image")
     source.add_argument("--image_dir", type=Path, help="batch mode: every image in this folder")
@@ -45,10 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="mesh file (default mesh_lora.<format>)")
     parser.add_argument("--output_dir", type=Path, help="batch mode: where the meshes go")
     parser.add_argument("--format", choices=FORMATS, help="default: --output's suffix, else obj")
-    parser.add_argument("--mc-resolution", type=int, default=256, help="marching-cubes grid")
-    parser.add_argument("--threshold", type=float, default=None, help="default: the model's")
+    parser.add_argument(
+        "--mc-resolution", type=grid_resolution, default=256, help="marching-cubes grid"
+    )
+    parser.add_argument(
+        "--threshold", type=positive_float, default=None, help="default: the model's"
+    )
     parser.add_argument("--no-remove-bg", action="store_true", help="the image is ready as is")
-    parser.add_argument("--foreground-ratio", type=float, default=0.85)
+    parser.add_argument("--foreground-ratio", type=fraction, default=0.85)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.image_dir is not None and args.output_dir is None:
@@ -95,22 +109,25 @@ def image_to_mesh(model: TSR, image_path: Path, out_path: Path, args: argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_device(args.device)
+    if args.lora_path and not Path(args.lora_path).exists():
+        raise UserInputError(
+            "adapter not found", args.lora_path,
+            "pass the adapter/ folder of a fine_tuning.py run, or its lora_weights.pth",
+        )  # fmt: skip
     if args.image_dir is not None:
         images = sorted(p for p in args.image_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
-            print(
-                f"error: no images ({', '.join(IMAGE_SUFFIXES)}) in {args.image_dir}",
-                file=sys.stderr,
-            )
-            return 2
+            raise UserInputError(
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) in it", args.image_dir,
+                "pass a folder of images, or one image with --image_path",
+            )  # fmt: skip
         jobs = [(p, args.output_dir / f"{p.stem}.{args.format}") for p in images]
         settings_path = args.output_dir / "inference.json"
     else:
-        if not args.image_path.is_file():
-            print(f"error: image {args.image_path} does not exist", file=sys.stderr)
-            return 2
         jobs = [(args.image_path, args.output)]
         settings_path = args.output.with_suffix(".json")
+    check_images([image for image, _ in jobs])
     try:
         model, loaded = load_model(args.repo_root, args.lora_path, args.device)
         outputs = [
@@ -135,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

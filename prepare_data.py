@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.data.build import prepare_dataset
+from tsr.errors import ArgumentParser, flag_check, non_negative_int, positive_int, run_cli
+from utils.data.build import MIN_SIZE, MIN_VIEWS, prepare_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(
+        prog="prepare_data.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument(
         "--out", default="data/default", help="dataset folder to create or complete"
     )
@@ -27,11 +29,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--family", default="primitives,parts", help="shape families, comma-separated"
     )
     parser.add_argument(
-        "--n", type=int, default=48, help="procedural objects, shared over families"
+        "--n", type=positive_int, default=48, help="procedural objects, shared over families"
     )
-    parser.add_argument("--views", type=int, default=8, help="views per object; view 0 conditions")
-    parser.add_argument("--size", type=int, default=256, help="render width = height in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="shapes, view jitter and split")
+    parser.add_argument(
+        "--views", default=8, help="views per object; view 0 conditions",
+        type=flag_check(int, lambda v: v >= MIN_VIEWS, f"an integer >= {MIN_VIEWS}"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--size", default=256, help="render width = height in pixels",
+        type=flag_check(int, lambda v: v >= MIN_SIZE, f"an integer >= {MIN_SIZE}"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="shapes, view jitter and split"
+    )
     parser.add_argument("--input-folder", help="render these meshes (recursive) instead of shapes")
     parser.add_argument(
         "--input-up", choices=("z", "y"), default="z", help="up axis of input meshes (glTF is y)"
@@ -39,29 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--axis-views", action="store_true", help="6 axis views instead of --views")
     parser.add_argument(
         "--occupancy-points",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="inside/outside samples per object (0: none)",
     )
     parser.add_argument("--force", action="store_true", help="rebuild objects that already exist")
     parser.add_argument(
-        "--workers", type=int, default=None, help="parallel objects (default: all cores)"
+        "--workers", type=positive_int, default=None, help="parallel objects (default: all cores)"
     )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = prepare_dataset(
-            args.out, families=tuple(f for f in args.family.split(",") if f), n_objects=args.n,
-            n_views=args.views, size=args.size, seed=args.seed, input_folder=args.input_folder,
-            input_up=args.input_up, axis_views=args.axis_views, occupancy_points=args.occupancy_points,
-            force=args.force, workers=args.workers,
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = prepare_dataset(
+        args.out, families=tuple(f for f in args.family.split(",") if f), n_objects=args.n,
+        n_views=args.views, size=args.size, seed=args.seed, input_folder=args.input_folder,
+        input_up=args.input_up, axis_views=args.axis_views, occupancy_points=args.occupancy_points,
+        force=args.force, workers=args.workers,
+    )  # fmt: skip
     print(
         f"{summary['out']}: {summary['n_objects']} objects ({summary['built']} built, "
         f"{summary['already_built']} already there, {len(summary['skipped'])} skipped); "
@@ -74,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -13,6 +13,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from tsr.errors import run_cli
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
@@ -129,7 +130,7 @@ def test_evaluate_base_adapter_and_sphere(setup):
 def test_clis_fail_with_messages_naming_the_problem(setup, capsys):
     # In-process (the scripts' main), since starting Python costs seconds on a 2-core CPU.
     evaluate_main = runpy.run_path(str(ROOT / "evaluate.py"))["main"]
-    assert evaluate_main(["--data", str(setup["tmp"] / "nowhere")]) == 2
+    assert run_cli(evaluate_main, ["--data", str(setup["tmp"] / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     wrong = setup["tmp"] / "wrong.pth"
     torch.save({"transformer_blocks.0.attn1.to_q.A.weight": torch.zeros(16, 1024),

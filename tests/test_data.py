@@ -12,6 +12,7 @@ import trimesh
 from PIL import Image
 
 from tsr.cameras import orbit_cameras, pixel_to_ray, rays_from_c2w
+from tsr.errors import UserInputError
 from tsr.preprocess import prepare_images, resize_foreground
 from utils.data.build import make_split, prepare_dataset
 from utils.data.course_layout import load_course_layout, write_course_layout
@@ -321,7 +322,7 @@ def test_statistics_describe_the_dataset(dataset_root):
     assert len(stats["objects"]) == 4
     assert all(0 < row["foreground_fraction"] < 1 for row in stats["objects"])
     assert summary["max_abs_coordinate_mean_min_max"][2] <= CUBE_RADIUS
-    with pytest.raises(FileNotFoundError, match=r"prepare_data\.py"):
+    with pytest.raises(UserInputError, match=r"prepare_data\.py"):
         MultiViewDataset(Path(dataset_root) / "missing")
 
 

@@ -44,10 +44,8 @@ class RecordingDataset(MultiViewDataset):
         return super().__getitem__(index)
 
 
-# a different LoRA init on each rank, as processes that draw unseeded get: fit() must start
-# every rank from rank 0's weights
-torch.manual_seed(int(os.environ["RANK"]))
-model = add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4)
+# a different LoRA init on each rank: fit() must start every rank from rank 0's weights
+model = add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4, seed=int(os.environ["RANK"]))
 initial = {k: v.clone() for k, v in lora_state_dict(model).items()}
 size = model.config.cond_image_size
 train = RecordingDataset(root, "train", n_supervision_views=3, cond_size=size)

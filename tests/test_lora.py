@@ -16,6 +16,7 @@ from peft import (
 )
 
 from tsr.config import named_config
+from tsr.errors import UserInputError
 from tsr.model import TSR
 from utils.training.adapters import (
     base_fingerprint,
@@ -192,16 +193,16 @@ def test_adapters_that_do_not_fit_fail_naming_the_file(tmp_path):
     bad_target = {"backbone.transformer_blocks.7.attn1.to_q.A.weight": torch.zeros(4, 64)}
     bad_target["backbone.transformer_blocks.7.attn1.to_q.B.weight"] = torch.zeros(48, 4)
     torch.save(bad_target, tmp_path / "blocks.pth")
-    with pytest.raises(ValueError, match=r"blocks\.pth targets .*transformer_blocks\.7"):
+    with pytest.raises(UserInputError, match=r"transformer_blocks\.7.*blocks\.pth"):
         load_adapter(tiny(), tmp_path / "blocks.pth")
     bad_shape = {
         "transformer_blocks.0.attn1.to_q.A.weight": torch.zeros(16, 1024),
         "transformer_blocks.0.attn1.to_q.B.weight": torch.zeros(1024, 16),
     }
     torch.save(bad_shape, tmp_path / "full_size.pth")
-    with pytest.raises(ValueError, match=r"full_size\.pth.*another size"):
+    with pytest.raises(UserInputError, match=r"full_size\.pth.*another size"):
         load_adapter(tiny(), tmp_path / "full_size.pth")
-    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors"):
+    with pytest.raises(UserInputError, match=r"missing\.safetensors"):
         load_adapter(tiny(), tmp_path / "missing.safetensors")
 
 

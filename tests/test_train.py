@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tsr.config import named_config
+from tsr.files import save_torch
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset, sample_rays
@@ -49,8 +50,7 @@ def datasets(dataset_root):
 
 
 def lora_model(seed: int = 0, dropout: float = 0.05) -> TSR:
-    torch.manual_seed(seed)  # LoRA A is drawn from torch's global generator
-    return add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4, dropout=dropout)
+    return add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4, dropout=dropout, seed=seed)
 
 
 def quick_config(**overrides) -> TrainConfig:
@@ -363,7 +363,7 @@ def test_lpips_off_with_one_message(monkeypatch, capsys):
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    path = checkpoint.atomic_save({"step": 1}, tmp_path / "last.pt")
+    path = save_torch({"step": 1}, tmp_path / "last.pt")
 
     def crash(obj, file):
         file.write(b"half a checkpoint")
@@ -371,7 +371,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.atomic_save({"step": 2}, path)
+        save_torch({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
 

@@ -22,8 +22,9 @@ from torch import nn
 from . import mesh as mesh_extraction
 from .cameras import CAMERA_DISTANCE, FOVY_DEG, orbit_cameras, rays_from_c2w
 from .config import TSRConfig, load_config, named_config
+from .files import atomic_path, save_torch, write_text
 from .image_encoder import DINOSingleImageTokenizer
-from .io import check_state_dict, read_state_dict, resolve_model_files
+from .io import check_finite, check_state_dict, read_state_dict, resolve_model_files
 from .preprocess import ImageLike, prepare_images
 from .renderer import TriplaneNeRFRenderer
 from .transformer import Transformer1D
@@ -75,6 +76,7 @@ class TSR(nn.Module):
             model = cls(config)
         state = read_state_dict(weight_path)
         check_state_dict(model.state_dict(), state, str(weight_path), str(config_path))
+        check_finite(state, weight_path)
         model.load_state_dict(state, strict=True, assign=True)
         model.image_tokenizer.register_normalisation()  # buffers are not in checkpoints
         model.source = str(pretrained_model_name_or_path)
@@ -85,13 +87,13 @@ class TSR(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(self.config.to_yaml())
+        write_text(folder / "config.yaml", self.config.to_yaml())
         state = {key: value.contiguous() for key, value in self.state_dict().items()}
         if safe_serialization:
-            save_file(state, str(folder / "model.safetensors"))
+            with atomic_path(folder / "model.safetensors") as path:
+                save_file(state, str(path))
         else:
-            torch.save(state, folder / "model.ckpt")
+            save_torch(state, folder / "model.ckpt")
         return folder
 
     def weights_fingerprint(self) -> str:

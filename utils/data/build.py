@@ -23,9 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, load_mesh
+from tsr.errors import UserInputError
+from tsr.files import write_text
+from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, geometry_problem, load_mesh
 from utils.data.prepare_object import prepare_object
 from utils.data.shapes import FAMILIES, make_shape
+
+
+MIN_VIEWS = 2  # view 0 conditions; at least one more view supervises and scores
+MIN_SIZE = 16  # render side in pixels: smaller renders hold no recognisable picture
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,9 @@ def procedural_jobs(families: list[str], n_objects: int) -> list[ObjectJob]:
     """`n_objects` shapes shared evenly over `families` (the first ones get the remainder)."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
-        raise ValueError(f"unknown shape families {unknown}; choose from {sorted(FAMILIES)}")
+        raise UserInputError(
+            f"unknown shape families {unknown}", "--family", f"choose from {sorted(FAMILIES)}"
+        )
     jobs = []
     for rank, family in enumerate(families):
         count = n_objects // len(families) + (rank < n_objects % len(families))
@@ -55,15 +63,15 @@ def folder_jobs(folder: str | Path) -> list[ObjectJob]:
     """One job per mesh file under `folder`; ids from the relative path, made unique."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"input folder {folder} does not exist")
+        raise UserInputError("no such folder", folder, "pass a folder of mesh files")
     files = sorted(
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES
     )
     if not files:
-        raise FileNotFoundError(
-            f"no mesh files ({', '.join(MESH_SUFFIXES)}) under {folder}: put meshes there, "
-            "or leave out --input-folder to build procedural shapes"
-        )
+        raise UserInputError(
+            f"no mesh files ({', '.join(MESH_SUFFIXES)}) in it", folder,
+            "put meshes there, or leave out --input-folder to build procedural shapes",
+        )  # fmt: skip
     jobs, used = [], set()
     for path in files:
         relative = path.relative_to(folder)
@@ -105,6 +113,8 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
             mesh = load_mesh(job.path, up=options["input_up"])
         else:
             mesh = make_shape(job.family, job.index, options["seed"])
+            if problem := geometry_problem(mesh):
+                raise MeshLoadError(f"{job.source}: {problem}")
     except MeshLoadError as error:
         return {"object_id": job.object_id, "skipped": str(error), "file": job.source}
     meta = prepare_object(
@@ -131,6 +141,16 @@ def prepare_dataset(
 ) -> dict:
     """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing."""
     out = Path(out)
+    _check_settings(
+        n_views=(axis_views or n_views >= MIN_VIEWS, f"an integer >= {MIN_VIEWS}"),
+        size=(size >= MIN_SIZE, f"an integer >= {MIN_SIZE}"),
+        n_objects=(input_folder is not None or n_objects >= 1, "an integer >= 1"),
+        seed=(seed >= 0, "an integer >= 0"),
+        occupancy_points=(occupancy_points >= 0, "an integer >= 0 (0: none)"),
+        workers=(workers is None or workers >= 1, "an integer >= 1, or None for all cores"),
+        input_up=(input_up in ("z", "y"), "'z' or 'y'"),
+        values=locals(),
+    )
     jobs = folder_jobs(input_folder) if input_folder else procedural_jobs(list(families), n_objects)
     options = {
         "n_views": n_views,
@@ -150,16 +170,19 @@ def prepare_dataset(
     for job in jobs:
         meta_path = out / job.object_id / "meta.json"
         if meta_path.exists() and not force:
-            meta = json.loads(meta_path.read_text())
-            settings = {"occupancy_points": 0, **meta["settings"]}
-            if any(settings[k] != v for k, v in wanted.items()) or meta["seed"] != seed:
+            try:
+                meta = json.loads(meta_path.read_text())
+                settings = {"occupancy_points": 0, **meta["settings"]}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                continue  # a damaged object: built again below
+            if any(settings[k] != v for k, v in wanted.items()) or meta.get("seed") != seed:
                 mismatched.append(job.object_id)
             existing[job.object_id] = meta
     if mismatched:
-        raise ValueError(
-            f"{len(mismatched)} objects in {out} were built with other settings (e.g. "
-            f"{mismatched[0]}); pass --force to rebuild them or choose another --out"
-        )
+        raise UserInputError(
+            f"{len(mismatched)} objects were built with other settings (e.g. {mismatched[0]})",
+            out, "pass --force to rebuild them or choose another --out",
+        )  # fmt: skip
     todo = [job for job in jobs if job.object_id not in existing]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -187,11 +210,14 @@ def prepare_dataset(
     )
     metas = {**existing, **{r["object_id"]: r["meta"] for r in rows if "meta" in r}}
     if not metas:
-        raise ValueError(f"none of the {len(jobs)} inputs could be used; skipped: {skipped}")
+        raise UserInputError(
+            f"none of the {len(jobs)} inputs could be used (skipped: {skipped})",
+            input_folder or "--family", "see why each was skipped, and pass usable meshes",
+        )  # fmt: skip
     family_of = {job.object_id: job.family for job in jobs if job.object_id in metas}
     split = make_split(family_of, seed)
-    _write_atomic(out / "split.json", {"seed": seed, **split})
-    _write_atomic(
+    _write_json(out / "split.json", {"seed": seed, **split})
+    _write_json(
         out / "dataset.json",
         {
             "settings": next(iter(metas.values()))["settings"], "seed": seed,
@@ -204,6 +230,17 @@ def prepare_dataset(
         "already_built": len(existing), "skipped": skipped, "views_rendered": views_done,
         "seconds": seconds, "views_per_second": views_done / seconds if seconds > 0 else 0.0,
     }  # fmt: skip
+
+
+def _check_settings(values: dict, **rules: tuple[bool, str]) -> None:
+    """Refuse every setting out of range at once, before anything is built."""
+    wrong = [name for name, (ok, _) in rules.items() if not ok]
+    if wrong:
+        raise UserInputError(
+            "dataset settings out of range: "
+            + "; ".join(f"{n}={values[n]!r} (must be {rules[n][1]})" for n in wrong),
+            ", ".join(wrong), "change them to values in range",
+        )  # fmt: skip
 
 
 def _build_star(arguments: tuple) -> dict:
@@ -221,7 +258,5 @@ def _collect(results, progress: tqdm, start: float) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, value: object) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+def _write_json(path: Path, value: object) -> None:
+    write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")

@@ -32,25 +32,41 @@ class MeshLoadError(ValueError):
     """A file that cannot be used as a mesh; prepare_dataset names it and carries on."""
 
 
+def _finite_faces(mesh: trimesh.Trimesh) -> bool:
+    return len(mesh.faces) == 0 or bool(np.isfinite(mesh.vertices[mesh.faces]).all())
+
+
+def geometry_problem(mesh: trimesh.Trimesh) -> str | None:
+    """Why a mesh cannot be rendered into a dataset object, or None when it can."""
+    if len(mesh.faces) == 0:
+        return "has no triangles (empty or not a mesh file)"
+    if not _finite_faces(mesh):
+        return "vertices with NaN or inf coordinates; repair the file"
+    if np.ptp(mesh.vertices, axis=0).max() <= 0 or not mesh.area > 0:
+        return "degenerate geometry (every triangle has zero area)"
+    return None
+
+
 def load_mesh(path: str | Path, up: str = "z") -> trimesh.Trimesh:
     """Read .obj/.glb/.ply/.stl as one triangle mesh in our z-up world; textures -> colours."""
     path = Path(path)
     try:
-        loaded = trimesh.load(path, force="mesh")
-        if isinstance(loaded, trimesh.Trimesh) and isinstance(
-            loaded.visual, trimesh.visual.TextureVisuals
-        ):
-            loaded.visual = loaded.visual.to_color()  # the renderer shades vertex colours
+        # unprocessed first: processing silently drops faces with NaN vertices, which left a
+        # one-triangle object where the file held a broken mesh
+        loaded = trimesh.load(path, force="mesh", process=False)
+        if isinstance(loaded, trimesh.Trimesh) and _finite_faces(loaded):
+            loaded.process()  # merge duplicate vertices, drop unused ones, as trimesh.load does
+            if isinstance(loaded.visual, trimesh.visual.TextureVisuals):
+                loaded.visual = loaded.visual.to_color()  # the renderer shades vertex colours
     except Exception as error:  # trimesh raises many types for broken files; name the file
         raise MeshLoadError(
             f"{path}: cannot be read as a mesh ({type(error).__name__}: {error})"
         ) from error
     if not isinstance(loaded, trimesh.Trimesh):
         raise MeshLoadError(f"{path}: holds a {type(loaded).__name__}, not a triangle mesh")
-    if len(loaded.faces) == 0:
-        raise MeshLoadError(f"{path}: has no triangles (empty or not a mesh file)")
-    if not np.isfinite(loaded.vertices).all() or np.ptp(loaded.vertices, axis=0).max() <= 0:
-        raise MeshLoadError(f"{path}: degenerate geometry (non-finite or zero-size vertices)")
+    problem = geometry_problem(loaded)
+    if problem:
+        raise MeshLoadError(f"{path}: {problem}")
     if up == "y":
         rotation = np.eye(4)
         rotation[:3, :3] = Y_UP_TO_Z_UP

@@ -15,8 +15,6 @@ frame. 3D and image stay consistent because the mesh itself is scaled, not the i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import zlib
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from tsr.cameras import (
     orbit_positions,
 )
 from tsr.config import RendererConfig
+from tsr.files import atomic_folder
 from tsr.renderer import ray_cube_radius
 from utils.data.dataset import DEPTH_BACKGROUND
 from utils.data.meshes import CONVENTION
@@ -256,13 +255,10 @@ def _write_object_atomically(
     mesh: trimesh.Trimesh,
     occupancy: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Write into a temporary sibling, then rename it: never a half-written object."""
-    for kind in ("tmp", "old"):  # leftovers of an interrupted run
-        for leftover in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
-            shutil.rmtree(leftover)
-    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
-        (temporary / "rgba").mkdir(parents=True)
+    """Write into a temporary sibling that then replaces `out_dir`: never a half-written
+    object, and a full disk is reported as such (tsr.files.atomic_folder)."""
+    with atomic_folder(out_dir) as temporary:
+        (temporary / "rgba").mkdir()
         (temporary / "depth").mkdir()
         for v, (rgba, depth) in enumerate(zip(views["rgba"], views["depth"], strict=True)):
             Image.fromarray(rgba, mode="RGBA").save(temporary / "rgba" / f"{v:03d}.png")
@@ -272,13 +268,3 @@ def _write_object_atomically(
             np.savez(temporary / "occupancy.npz", **occupancy)
         _write_json(temporary / "cameras.json", cameras)
         _write_json(temporary / "meta.json", meta)
-    except BaseException:  # also Ctrl-C: remove the partial folder, then let it propagate
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if out_dir.exists():  # force: move the old one aside first (rename onto a full dir fails)
-        stale = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, stale)
-        os.replace(temporary, out_dir)
-        shutil.rmtree(stale)
-    else:
-        os.replace(temporary, out_dir)

@@ -19,6 +19,7 @@ import trimesh
 from tqdm.auto import tqdm
 
 from tsr.cameras import rays_from_c2w
+from tsr.files import atomic_path
 from tsr.model import TSR
 from utils.data.dataset import MultiViewDataset, novel_views
 from utils.data.meshes import load_mesh
@@ -105,7 +106,8 @@ def evaluate_model(
             "seconds": round(time.perf_counter() - started, 3),
         }
         if mesh_dir is not None:
-            mesh.export(mesh_dir / f"{item['object_id']}.obj")
+            with atomic_path(mesh_dir / f"{item['object_id']}.obj") as temporary:
+                mesh.export(temporary)
             record["mesh"] = str(mesh_dir / f"{item['object_id']}.obj")
         records.append(record)
     return records

@@ -15,6 +15,7 @@ import torch
 import trimesh
 
 from tsr.cameras import rays_from_c2w
+from tsr.files import atomic_path
 from tsr.model import TSR
 from utils.figures import figure_png
 from utils.notebook.plots import comparison_grid
@@ -190,7 +191,8 @@ def export_meshes(
     for name, mesh in meshes.items():
         for fmt in formats:
             path = folder / f"{name}.{fmt}"
-            mesh.export(path)
+            with atomic_path(path) as temporary:
+                mesh.export(temporary)
             rows.append(
                 {"name": name, "format": fmt, "path": str(path), "kB": path.stat().st_size // 1024}
             )

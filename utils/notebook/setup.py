@@ -62,4 +62,5 @@ def ensure_adapter(
     lora.add_lora(model, r=16, alpha=16, dropout=0.05)  # notebook 03's adapter
     train = MultiViewDataset(data, "train", 4, cond_size=model.config.cond_image_size)
     config = TrainConfig(**LORA_RECIPE, max_steps=steps, val_every=0, checkpoint_every=steps)
-    return fit(model.to(device), train, config, output_dir=run_dir).artefact
+    # overwrite: the run there made no adapter for these weights; this one replaces it
+    return fit(model.to(device), train, config, output_dir=run_dir, overwrite=True).artefact

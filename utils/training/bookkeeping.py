@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tsr.files import append_text
 from utils.training.checkpoint import capture_rng_states, save_checkpoint, trainable_state
 from utils.training.config import HIGHER_IS_BETTER
 from utils.training.distributed import agree
@@ -74,8 +75,7 @@ class RunLog:
     def __call__(self, record: dict, event: str) -> None:
         self.history.append(record)
         if self.is_main:
-            with self.path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record) + "\n")
             self.event(event, record["step"], record)
 
     def event(self, event: str, *args) -> None:

@@ -3,15 +3,15 @@ run folder's bookkeeping files.
 
 A checkpoint holds exactly what `fit` needs to continue as if never stopped, so a run
 interrupted and resumed ends with the same weights as an uninterrupted one. Files are
-written atomically (temporary file in the same folder, then `os.replace`): a crash while
-saving leaves the previous checkpoint intact, never a half-written one.
+written atomically (`tsr.files`): a crash or a full disk while saving leaves the previous
+checkpoint intact, never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from tsr.errors import UserInputError, brief
+from tsr.files import save_torch, write_text
+from utils.training.lora import lora_settings
+
 CHECKPOINT_NAME = "last.pt"  # <run>/checkpoints/last.pt, replaced at every save
+CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "config"}
+# Settings a resumed run may change: how long it goes on, how often it looks and saves, how it
+# saves memory and which weights it ends on. Any other change would be recorded in config.json
+# yet not reach the optimiser's restored state (lr) or break what was learnt (rank), so it is
+# refused.
+CHANGEABLE_ON_RESUME = {
+    "resume_from", "max_steps", "epochs", "val_every", "checkpoint_every", "mesh_every",
+    "early_stopping_patience", "restore_best", "grad_checkpointing", "progress",
+}  # fmt: skip
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -29,23 +42,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, param in model.named_parameters()
         if param.requires_grad
     }
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file next to `path`, flushed to disk, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):  # only when saving failed before the rename
-            os.remove(temporary)
-    return path
 
 
 def capture_rng_states(data_generator: torch.Generator) -> dict[str, Any]:
@@ -79,33 +75,71 @@ def save_checkpoint(
     """Everything needed to continue training after `step` optimiser steps.
 
     `best`: the best validation so far ({"step", "value", "trainable"}), so a resumed run
-    still restores and stops by it."""
-    return atomic_save(
-        {
-            "step": step,
-            "best": best,
-            "trainable": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_states_per_rank,  # one entry per DDP rank, rank order
-            "config": config,
-        },
-        path,
-    )
+    still restores and stops by it. `config` also records the LoRA settings, so a resume with
+    other settings is refused by name (`resume_conflicts`) instead of failing on a shape."""
+    state = {
+        "step": step,
+        "best": best,
+        "trainable": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_states_per_rank,  # one entry per DDP rank, rank order
+        "config": {**config, "lora": lora_settings(model)},
+    }
+    return save_torch(state, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled)."""
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint a --resume path means: the file itself, or the one in a run folder."""
     path = Path(path)
     if path.is_dir():  # a run folder or its checkpoints folder
         candidates = [path / "checkpoints" / CHECKPOINT_NAME, path / CHECKPOINT_NAME]
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: pass a run folder or a .pt written by fit(), "
-            "or start without --resume"
-        )
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise UserInputError(
+            "no checkpoint there", path,
+            "pass a run folder or a .pt written by fit(), or start without --resume",
+        )  # fmt: skip
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled).
+    `mmap`: map the tensors instead of reading them (to look at the settings only)."""
+    path = checkpoint_file(path)
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # not a zip file: read it whole, for a readable old format or the real error
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file raises anything from EOFError to IndexError
+        raise UserInputError(
+            f"not a readable checkpoint ({brief(error)})", path,
+            "it is damaged or was not written by fit(): resume from another run's "
+            "checkpoints/last.pt, or start afresh without --resume",
+        ) from error  # fmt: skip
+    missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise UserInputError(
+            f"not a training checkpoint (no {', '.join(sorted(missing))})", path,
+            "pass a checkpoints/last.pt written by fit(), or start without --resume",
+        )  # fmt: skip
+    checkpoint["path"] = str(path)  # for the messages of restore_checkpoint
+    return checkpoint
+
+
+def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The settings of a resumed run that differ from its checkpoint's and that it cannot
+    change: 'lr 0.0001 -> 0.01'. `saved` and `wanted` as checkpoints record them (TrainConfig
+    fields plus "lora"); settings one of them lacks (older checkpoints) are not compared."""
+    return [
+        f"{name} {saved[name]!r} -> {wanted[name]!r}"
+        for name in sorted(set(saved) & set(wanted) - CHANGEABLE_ON_RESUME)
+        if saved[name] != wanted[name]
+    ]
 
 
 def restore_checkpoint(
@@ -119,15 +153,21 @@ def restore_checkpoint(
     """Put a checkpoint's state back into live objects; returns the step it was taken at."""
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = checkpoint["trainable"]
-    if set(saved) != set(trainable):
+    misshaped = [
+        f"{name} {tuple(saved[name].shape)} vs {tuple(param.shape)}"
+        for name, param in trainable.items()
+        if name in saved and saved[name].shape != param.shape
+    ]
+    if set(saved) != set(trainable) or misshaped:
         missing, unexpected = (
             sorted(set(trainable) - set(saved)),
             sorted(set(saved) - set(trainable)),
         )
-        raise ValueError(
-            "checkpoint does not fit the model's trainable parameters "
-            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...): resume with the same "
-            "train_mode, LoRA rank and targets as the interrupted run"
+        raise UserInputError(
+            "the checkpoint does not fit the model's trainable weights (missing "
+            f"{missing[:2]}, unexpected {unexpected[:2]}, other shapes {misshaped[:2]})",
+            checkpoint.get("path", "the checkpoint"),
+            "resume with the train_mode, LoRA rank (--r) and targets of the interrupted run",
         )
     with torch.no_grad():
         for name, param in trainable.items():
@@ -145,16 +185,41 @@ def restore_checkpoint(
     return int(checkpoint["step"])
 
 
+# What fit() writes into a run folder: a folder holding any of them holds a run
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "checkpoints", "adapter", "model")
+
+
+def start_afresh(run_dir: Path, overwrite: bool, remove: bool = True) -> None:
+    """Make sure a fresh run loses no earlier one: refuse a folder that holds a run, or with
+    `overwrite` remove that run's files (only those: the folder may hold other things).
+    `remove`: False on all DDP ranks but one, which check alike but leave the removing."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not overwrite:
+        raise UserInputError(
+            f"this folder already holds a run ({', '.join(found)})", run_dir,
+            "continue it with --resume, choose another --run_name, or pass --overwrite to "
+            "replace it",
+        )  # fmt: skip
+    for name in found if remove else ():
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def start_run_folder(run_dir: Path, resolved_config: dict[str, Any], resume_step: int) -> Path:
     """Write <run>/config.json; start metrics.jsonl afresh, or, resuming, keep its records up
     to the checkpoint's step and drop those of steps that are about to be redone.
     -> the metrics.jsonl path"""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(resolved_config, indent=2, default=str))
+    write_text(run_dir / "config.json", json.dumps(resolved_config, indent=2, default=str))
     metrics_path = run_dir / "metrics.jsonl"
     kept = []
     if resume_step and metrics_path.is_file():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        try:
+            records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        except json.JSONDecodeError as error:
+            raise UserInputError(
+                f"a line that is not JSON ({error})", metrics_path,
+                "remove that line (a record cut short), then resume again",
+            ) from error  # fmt: skip
         kept = [record for record in records if record["step"] <= resume_step]
-    metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    write_text(metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
     return metrics_path

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from tsr.errors import UserInputError
+
 HIGHER_IS_BETTER = ("val_psnr", "val_mask_iou")  # validation metrics where more is better
 EARLY_STOPPING_METRICS = ("val_loss", *HIGHER_IS_BETTER)
 
@@ -113,6 +115,7 @@ class TrainConfig:
             "early_stopping_patience": (self.early_stopping_patience >= 0, ">= 0 (0: off)"),
             "mesh_every": (self.mesh_every >= 0, ">= 0"),
             "checkpoint_every": (self.checkpoint_every >= 0, ">= 0"),
+            "seed": (isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
         }
         for name in ("lambda_rgb", "lambda_mask", "lambda_lpips", "lambda_depth",
                      "lambda_occupancy", "lambda_surface_colour"):  # fmt: skip
@@ -122,10 +125,13 @@ class TrainConfig:
                 False,
                 "> 0, or set lambda_occupancy > 0 to train on 3D points only",
             )
-        wrong = [f"{name}={getattr(self, name)!r} (must be {want})"
-                 for name, (ok, want) in rules.items() if not ok]  # fmt: skip
+        wrong = [name for name, (ok, _) in rules.items() if not ok]
         if wrong:
-            raise ValueError("training settings out of range: " + "; ".join(wrong))
+            raise UserInputError(
+                "training settings out of range: "
+                + "; ".join(f"{n}={getattr(self, n)!r} (must be {rules[n][1]})" for n in wrong),
+                ", ".join(wrong), "change them to values in range (see utils/training/config.py)",
+            )  # fmt: skip
 
     def loss_weights(self) -> dict[str, float]:
         return {

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from tsr.files import write_bytes
 from utils.figures import figure_png
 
 # Logged validation metrics carry one of these prefixes; the curve is named without it.
@@ -144,10 +145,7 @@ class LivePlot:
         return fig
 
     def savefig(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(figure_png(self.figure()))
-        return path
+        return write_bytes(path, figure_png(self.figure()))
 
     def _maybe_draw(self, force: bool = False) -> None:
         if not _in_notebook():

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tsr.errors import UserInputError
 from tsr.model import TSR
 from utils.data.dataset import sample_patches, sample_rays
 from utils.evaluation.validate import validate
@@ -28,6 +29,8 @@ from utils.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     restore_checkpoint,
+    resume_conflicts,
+    start_afresh,
     start_run_folder,
 )
 from utils.training.config import TrainConfig
@@ -150,6 +153,7 @@ def fit(
     callbacks: Sequence[Any] = (),
     output_dir: str | os.PathLike = "outputs_lora/run",
     mesh_metrics: Callable[[TSR, Any], dict[str, float]] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train `model` in place; returns where the run's files are and what it logged.
 
@@ -159,9 +163,13 @@ def fit(
     share of the objects and averages gradients with one all-reduce per step; `train_dataset`
     is anything with len() and [index] -> item (a MultiViewDataset, a list of items).
     `mesh_metrics(model, val_dataset) -> dict` runs every `config.mesh_every` steps.
+    A folder that already holds a run is continued (config.resume_from) or, only with
+    `overwrite`, cleared of it first; otherwise fit() refuses before any work.
     """
     rank, world = distributed()
     run_dir = Path(output_dir)
+    if not config.resume_from:
+        start_afresh(run_dir, overwrite, remove=rank == 0)
     setup = prepare(model, train_dataset, config, rank, world)
     optimizer, scheduler = optimiser(model, setup, config)
     torch.manual_seed(config.seed + rank)  # LoRA dropout draws from torch's global generator
@@ -174,6 +182,14 @@ def fit(
     step, best_state = 0, None
     if config.resume_from:
         checkpoint = load_checkpoint(config.resume_from)
+        wanted = {**dataclasses.asdict(config), "lora": lora.lora_settings(model)}
+        conflicts = resume_conflicts(checkpoint["config"], wanted)
+        if conflicts:
+            raise UserInputError(
+                "resuming with settings other than the run's: " + ", ".join(conflicts),
+                checkpoint["path"], "resume with the run's settings (leave those flags out), or "
+                "start a new run (another --run_name) to change them",
+            )  # fmt: skip
         step = restore_checkpoint(checkpoint, model, optimizer, scheduler, data_generator, rank)
         best_state = checkpoint.get("best")
     best = BestWeights(config.early_stopping_metric, config.early_stopping_patience, best_state)
