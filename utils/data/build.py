@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, load_mesh
+from utils.data.materials import UNTEXTURED_COLOUR
+from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, read_mesh
 from utils.data.prepare_object import prepare_object
 from utils.data.shapes import FAMILIES, make_shape
 
@@ -102,15 +103,16 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
     """Worker: make or load one mesh and prepare it. -> a status row"""
     try:
         if job.path:
-            mesh = load_mesh(job.path, up=options["input_up"])
+            mesh, appearance = read_mesh(job.path, up=options["input_up"])
         else:
-            mesh = make_shape(job.family, job.index, options["seed"])
+            mesh, appearance = make_shape(job.family, job.index, options["seed"]), None
     except MeshLoadError as error:
         return {"object_id": job.object_id, "skipped": str(error), "file": job.source}
     meta = prepare_object(
         mesh, out / job.object_id, options["n_views"], options["size"], options["seed"],
         source=job.source, axis_views=options["axis_views"],
-        occupancy_points=options["occupancy_points"], force=True,
+        occupancy_points=options["occupancy_points"], force=True, appearance=appearance,
+        untextured=options["untextured"],
     )  # fmt: skip
     return {"object_id": job.object_id, "n_views": meta["settings"]["n_views"], "meta": meta}
 
@@ -128,8 +130,11 @@ def prepare_dataset(
     occupancy_points: int = 0,
     force: bool = False,
     workers: int | None = None,
+    untextured: str | tuple = UNTEXTURED_COLOUR,
 ) -> dict:
-    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing."""
+    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing.
+    `input_up`: files other than glTF (y-up by specification); `untextured`: colour of faces
+    without one, or "palette" (prepare_object)."""
     out = Path(out)
     jobs = folder_jobs(input_folder) if input_folder else procedural_jobs(list(families), n_objects)
     options = {
@@ -139,19 +144,23 @@ def prepare_dataset(
         "axis_views": axis_views,
         "input_up": input_up,
         "occupancy_points": occupancy_points,
+        "untextured": untextured,
     }
     wanted = {
         "n_views": 6 if axis_views else n_views,
         "size": size,
         "axis_views": axis_views,
         "occupancy_points": occupancy_points,
+        "untextured": untextured if untextured == "palette" else [float(c) for c in untextured],
     }
     existing, mismatched = {}, []
     for job in jobs:
         meta_path = out / job.object_id / "meta.json"
         if meta_path.exists() and not force:
             meta = json.loads(meta_path.read_text())
-            settings = {"occupancy_points": 0, **meta["settings"]}
+            # older builds did not record untextured: their procedural sets have colours
+            settings = {"occupancy_points": 0, "untextured": wanted["untextured"]}
+            settings.update(meta["settings"])
             if any(settings[k] != v for k, v in wanted.items()) or meta["seed"] != seed:
                 mismatched.append(job.object_id)
             existing[job.object_id] = meta

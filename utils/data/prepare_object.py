@@ -38,16 +38,13 @@ from tsr.cameras import (
 from tsr.config import RendererConfig
 from tsr.renderer import ray_cube_radius
 from utils.data.dataset import DEPTH_BACKGROUND
+from utils.data.materials import UNTEXTURED_COLOUR, Appearance, appearance_of, palette_colour
 from utils.data.meshes import CONVENTION
 from utils.data.render_views import Shader, render_views
 
 # objects stay inside the cube the volume renderer cuts rays to
 CUBE_RADIUS = ray_cube_radius(RendererConfig().radius)
 DENSE_SURFACE_SAMPLES = 20_000  # surface samples the occupancy points' distances are taken to
-
-
-
-
 
 
 def conditioning_framing(
@@ -145,11 +142,15 @@ def prepare_object(
     antialias: int = 5,
     occupancy_points: int = 0,
     force: bool = False,
+    appearance: Appearance | None = None,
+    untextured: str | tuple = UNTEXTURED_COLOUR,
 ) -> dict:
     """Normalise, frame, render and write one object atomically. -> its meta.json contents.
 
     `occupancy_points` > 0 also writes `occupancy.npz`: 3D points near and around the surface
     with inside/outside labels, a direct geometry signal for pretraining.
+    `appearance`: the faces' materials as `read_mesh` gives them (default: the mesh's visual).
+    `untextured`: sRGB colour of faces without one, or "palette": a seeded colour per object.
 
     An existing `out_dir` is a finished object (it only appears by an atomic rename) and is
     kept unless `force`.
@@ -162,7 +163,14 @@ def prepare_object(
         "distance": CAMERA_DISTANCE, "foreground_ratio": FOREGROUND_RATIO, "axis_views": axis_views,
         "elevation_range": list(elevation_range), "antialias": antialias,
         "occupancy_points": occupancy_points,
+        "untextured": untextured if untextured == "palette" else [float(c) for c in untextured],
     }  # fmt: skip
+    colour = (
+        palette_colour(object_rng(seed + 2, out_dir.name))
+        if untextured == "palette"
+        else np.asarray(untextured, dtype=np.float64)
+    )
+    shader_look = {"appearance": appearance, "untextured": colour}
     mesh = mesh.copy()
     low, high = mesh.bounds
     mesh.apply_translation(-(low + high) / 2)
@@ -179,7 +187,7 @@ def prepare_object(
     c2w, azimuth, elevation = view_cameras(
         settings["n_views"], object_rng(seed, out_dir.name), elevation_range, axis_views=axis_views
     )
-    views = render_views(mesh, c2w, FOVY_DEG, size, antialias=antialias)
+    views = render_views(mesh, c2w, FOVY_DEG, size, antialias=antialias, **shader_look)
     alpha0 = views["rgba"][0, ..., 3] > 0
     rows, cols = np.nonzero(alpha0)
     bbox_side = max(np.ptp(rows), np.ptp(cols)) + 1 if len(rows) else 0
@@ -189,6 +197,7 @@ def prepare_object(
         "view0_foreground_ratio": float(bbox_side / size), "bounds": mesh.bounds.tolist(),
         "n_vertices": len(mesh.vertices), "n_faces": len(mesh.faces),
         "watertight": bool(mesh.is_watertight), "n_supersampled_pixels": views["n_supersampled"],
+        "untextured_colour": colour.tolist(),
         **{k: v for k, v in mesh.metadata.items() if k in ("family", "kind", "index")},
     }  # fmt: skip
     cameras = {
@@ -201,17 +210,21 @@ def prepare_object(
         ],
     }  # fmt: skip
 
-    occupancy = (
-        occupancy_samples(mesh, occupancy_points, object_rng(seed + 1, out_dir.name))
-        if occupancy_points > 0
-        else None
-    )
+    occupancy = None
+    if occupancy_points > 0:
+        occupancy = occupancy_samples(
+            mesh, occupancy_points, object_rng(seed + 1, out_dir.name), Shader(mesh, **shader_look)
+        )
+    if mesh.visual.kind is None:  # no colours of its own: mesh.glb keeps the rendered ones
+        look = appearance_of(mesh) if appearance is None else appearance
+        preview = np.round(look.vertex_colours(mesh, colour) * 255).astype(np.uint8)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=preview)
     _write_object_atomically(out_dir, views, cameras, meta, mesh, occupancy)
     return meta
 
 
 def occupancy_samples(
-    mesh: trimesh.Trimesh, n_points: int, rng: np.random.Generator
+    mesh: trimesh.Trimesh, n_points: int, rng: np.random.Generator, shader: Shader | None = None
 ) -> dict[str, np.ndarray]:
     """Points with inside/outside labels: half within ~0.02 of the surface (where the
     marching-cubes level set must fall), a quarter within ~0.08, a quarter anywhere in the cube.
@@ -239,7 +252,8 @@ def occupancy_samples(
     dense, dense_faces = trimesh.sample.sample_surface(mesh, DENSE_SURFACE_SAMPLES, seed=rng)
     distance, nearest = cKDTree(dense).query(points)
     faces = dense_faces[nearest]
-    colour = Shader(mesh).shade(faces, dense[nearest], -mesh.face_normals[faces])
+    shader = Shader(mesh) if shader is None else shader
+    colour = shader.shade(faces, dense[nearest], -mesh.face_normals[faces])
     return {
         "points": points.astype(np.float16),
         "inside": inside,
