@@ -13,9 +13,9 @@ Colour spaces, as glTF defines them and GPUs implement them:
 - vertex and face colours are display (sRGB) values, as PLY/OBJ files and trimesh's glTF
   exports (every mesh.glb this project wrote) store them - glTF's COLOR_0 is linear by
   specification, a deviation kept so our own files read back unchanged - and multiply the
-  encoded product. Under a pure power law that product is
-  the linear-light product; the sRGB curve departs from one only near black. Meshes with only
-  colours (the procedural shapes) therefore render exactly as they did before materials.
+  encoded product. Under a pure power law that product is the linear-light product; the sRGB
+  curve departs from one only near black. Meshes with only colours (the procedural shapes)
+  therefore render exactly as they did before materials.
 Texture alpha is ignored: a view's alpha is pixel coverage.
 """
 
@@ -116,6 +116,8 @@ class Appearance:
     ) -> np.ndarray:
         """Unlit sRGB colour at points given by face and barycentric coordinates (N, 3);
         `untextured` (3,) paints UNCOLOURED faces. -> (N, 3) in [0, 1]"""
+        if not self.materials:  # no face has a colour (STL, CAD): one colour, nothing to look up
+            return np.broadcast_to(untextured, (len(face_index), 3))
         if self.colour is None:
             colour = np.ones((len(face_index), 3))
         elif self.colour.ndim == 2:
@@ -124,7 +126,7 @@ class Appearance:
             colour = np.einsum("nk,nkc->nc", barycentric, self.colour[face_index])
         material = self.face_material[face_index]
         if self.has_uncoloured:
-            colour[material == UNCOLOURED] = untextured
+            colour = np.where((material == UNCOLOURED)[:, None], untextured, colour)
         if self.styled:  # materials other than plain white: grouped, one lookup per material
             order = np.argsort(material, kind="stable")
             present, starts = np.unique(material[order], return_index=True)
