@@ -3,9 +3,15 @@
     python prepare_data.py                                   # the embedded default set
     python prepare_data.py --out data/mine --input-folder my_meshes --input-up y
     python prepare_data.py --out data/axis --n 8 --axis-views  # the course project's 6 views
+    python prepare_data.py --out data/cad --input-folder parts --untextured-colour palette
+
+Input files: .glb/.gltf (materials, textures, vertex colours; y-up by specification), .obj
+(+ .mtl and images), .ply, .stl. Views look the textures up per pixel. Surfaces without any
+colour (CAD exports) are painted --untextured-colour.
 
 A rerun skips finished objects; --force rebuilds them. Files that are not usable meshes are
-named and skipped; the summary at the end lists them.
+named and skipped; the summary at the end lists them, and the objects whose occupancy points
+were withheld because their surface has no clear inside.
 """
 
 from __future__ import annotations
@@ -15,6 +21,22 @@ import sys
 
 from tsr.errors import ArgumentParser, flag_check, non_negative_int, positive_int, run_cli
 from utils.data.build import MIN_SIZE, MIN_VIEWS, prepare_dataset
+from utils.data.materials import UNTEXTURED_COLOUR
+
+
+def untextured_colour(text: str) -> str | tuple[float, ...]:
+    """--untextured-colour: "palette" or "R,G,B" with each in [0, 1]."""
+    if text == "palette":
+        return text
+    try:
+        colour = tuple(float(c) for c in text.split(","))
+    except ValueError:
+        colour = ()
+    if len(colour) != 3 or not all(0.0 <= c <= 1.0 for c in colour):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give three numbers in [0, 1] as R,G,B (e.g. 0.9,0.55,0.2) or 'palette'"
+        )
+    return colour
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--input-folder", help="render these meshes (recursive) instead of shapes")
     parser.add_argument(
-        "--input-up", choices=("z", "y"), default="z", help="up axis of input meshes (glTF is y)"
+        "--input-up",
+        choices=("z", "y"),
+        default="z",
+        help="up axis of .obj/.ply/.stl inputs; .glb/.gltf are y-up by specification and "
+        "always read so, whatever this says (a folder may mix them)",
+    )
+    parser.add_argument(
+        "--untextured-colour",
+        type=untextured_colour,
+        default=UNTEXTURED_COLOUR,
+        help="sRGB colour of surfaces the file gives none (STL, bare OBJ), as R,G,B in [0, 1], "
+        "or 'palette': a seeded saturated colour per object. Default %(default)s, a clay "
+        "orange: it differs in hue from TripoSR's grey background at every shade, where grey "
+        "0.7 matches it on faces lit at 0.71",
     )
     parser.add_argument("--axis-views", action="store_true", help="6 axis views instead of --views")
     parser.add_argument(
@@ -66,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out, families=tuple(f for f in args.family.split(",") if f), n_objects=args.n,
         n_views=args.views, size=args.size, seed=args.seed, input_folder=args.input_folder,
         input_up=args.input_up, axis_views=args.axis_views, occupancy_points=args.occupancy_points,
-        force=args.force, workers=args.workers,
+        force=args.force, workers=args.workers, untextured=args.untextured_colour,
     )  # fmt: skip
     print(
         f"{summary['out']}: {summary['n_objects']} objects ({summary['built']} built, "
@@ -76,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in summary["skipped"]:
         print(f"skipped {row['file']}: {row['reason']}")
+    occupancy = summary["occupancy_labels"]
+    if any(occupancy["counts"].values()):
+        counts = ", ".join(f"{n} {method}" for method, n in occupancy["counts"].items() if n)
+        print(f"occupancy labels (objects): {counts}")
+    for row in occupancy["withheld"]:
+        print(f"no occupancy points for {row['object_id']}: {row['reason']}")
     return 0
 
 

@@ -76,11 +76,15 @@ def test_alpha_mask_and_depth_agree_and_edges_are_antialiased():
     assert np.isfinite(depth).all()
 
 
-def test_mesh_without_colours_renders_grey_and_colours_show():
+def test_mesh_without_colours_renders_the_untextured_colour_and_colours_show():
     box = trimesh.creation.box(extents=(0.6, 0.6, 0.6))
-    rgba = render_views(box, tilted_cameras(1), FOVY, SIZE)["rgba"][0]
+    rgba = render_views(box, tilted_cameras(1), FOVY, SIZE)["rgba"][0].astype(float)
     inside = rgba[..., 3] == 255
-    assert (rgba[inside, 0] == rgba[inside, 1]).all() and (rgba[inside, 1] == rgba[inside, 2]).all()
+    # light scales all channels alike: the hue of the default colour survives where unclipped
+    lit = inside & (rgba[..., 0] < 250)
+    np.testing.assert_allclose(rgba[lit, 1] / rgba[lit, 0], 0.55 / 0.9, atol=0.02)
+    grey = render_views(box, tilted_cameras(1), FOVY, SIZE, untextured=(0.5, 0.5, 0.5))["rgba"][0]
+    assert (grey[inside, 0] == grey[inside, 1]).all() and (grey[inside, 1] == grey[inside, 2]).all()
     box.visual.face_colors = [200, 30, 30, 255]
     rgba = render_views(box, tilted_cameras(1), FOVY, SIZE)["rgba"][0]
     assert (rgba[inside, 0] > 3 * rgba[inside, 1]).all()
@@ -329,9 +333,14 @@ def test_statistics_describe_the_dataset(dataset_root):
 def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     from utils.data.dataset import MultiViewDataset
     from utils.data.prepare_object import occupancy_samples
+    from utils.data.render_views import Shader
 
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
-    samples = occupancy_samples(sphere, 2000, np.random.default_rng(0))
+    grey = np.array([0.7, 0.7, 0.7])
+    samples, labels = occupancy_samples(
+        sphere, 2000, np.random.default_rng(0), Shader(sphere, untextured=grey)
+    )
+    assert labels == {"method": "ray parity", "ambiguous_share": 0.0}  # watertight: exact
     points = samples["points"].astype(np.float32)
     assert points.shape == (2000, 3) and np.abs(points).max() <= 0.87
     distance = np.linalg.norm(points, axis=1)
@@ -343,14 +352,14 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     error = np.abs(sdf - (distance - 0.5))
     assert error.mean() < 0.003 and np.percentile(error, 99) < 0.012, error.max()
     assert (np.sign(sdf[clear]) == np.where(samples["inside"][clear], -1, 1)).all()
-    # colours: the renderer's grey, shaded by the fixed lights, bright where the key light faces
-    from utils.data.render_views import GREY, LIGHTS
+    # colours: the given grey, shaded by the fixed lights, bright where the key light faces
+    from utils.data.render_views import LIGHTS
 
     colour = samples["colour"].astype(np.float32) / 255
     key = np.asarray(LIGHTS[0][0]) / np.linalg.norm(LIGHTS[0][0])
     facing = points @ key / distance
     assert np.allclose(colour[:, 0], colour[:, 1], atol=2 / 255)  # grey stays grey
-    assert colour[facing > 0.9, 0].mean() > GREY[0] * 0.85 > colour[facing < -0.9, 0].mean()
+    assert colour[facing > 0.9, 0].mean() > grey[0] * 0.85 > colour[facing < -0.9, 0].mean()
 
     from utils.data.build import prepare_dataset
 

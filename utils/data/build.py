@@ -5,7 +5,8 @@ recursively). Each object goes through `prepare_object` (atomic, skipped when al
 then two small files describe the set:
 
     data/<set>/split.json     seeded train/val/test object ids, stratified by family
-    data/<set>/dataset.json   settings, object ids, skipped files and why
+    data/<set>/dataset.json   settings, object ids, skipped files and why, how occupancy
+                              points were labelled (objects without trustworthy ones listed)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from tsr.errors import UserInputError
 from tsr.files import write_text
-from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, geometry_problem, load_mesh
+from utils.data.materials import UNTEXTURED_COLOUR
+from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, geometry_problem, read_mesh
 from utils.data.prepare_object import prepare_object
 from utils.data.shapes import FAMILIES, make_shape
 
@@ -110,9 +112,9 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
     """Worker: make or load one mesh and prepare it. -> a status row"""
     try:
         if job.path:
-            mesh = load_mesh(job.path, up=options["input_up"])
+            mesh, appearance = read_mesh(job.path, up=options["input_up"])
         else:
-            mesh = make_shape(job.family, job.index, options["seed"])
+            mesh, appearance = make_shape(job.family, job.index, options["seed"]), None
             if problem := geometry_problem(mesh):
                 raise MeshLoadError(f"{job.source}: {problem}")
     except MeshLoadError as error:
@@ -120,7 +122,8 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
     meta = prepare_object(
         mesh, out / job.object_id, options["n_views"], options["size"], options["seed"],
         source=job.source, axis_views=options["axis_views"],
-        occupancy_points=options["occupancy_points"], force=True,
+        occupancy_points=options["occupancy_points"], force=True, appearance=appearance,
+        untextured=options["untextured"],
     )  # fmt: skip
     return {"object_id": job.object_id, "n_views": meta["settings"]["n_views"], "meta": meta}
 
@@ -138,8 +141,11 @@ def prepare_dataset(
     occupancy_points: int = 0,
     force: bool = False,
     workers: int | None = None,
+    untextured: str | tuple = UNTEXTURED_COLOUR,
 ) -> dict:
-    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing."""
+    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing, how
+    occupancy points were labelled. `input_up`: files other than glTF (y-up by
+    specification); `untextured`: colour of faces without one, or "palette" (prepare_object)."""
     out = Path(out)
     _check_settings(
         n_views=(axis_views or n_views >= MIN_VIEWS, f"an integer >= {MIN_VIEWS}"),
@@ -159,12 +165,14 @@ def prepare_dataset(
         "axis_views": axis_views,
         "input_up": input_up,
         "occupancy_points": occupancy_points,
+        "untextured": untextured,
     }
     wanted = {
         "n_views": 6 if axis_views else n_views,
         "size": size,
         "axis_views": axis_views,
         "occupancy_points": occupancy_points,
+        "untextured": untextured if untextured == "palette" else [float(c) for c in untextured],
     }
     existing, mismatched = {}, []
     for job in jobs:
@@ -172,7 +180,9 @@ def prepare_dataset(
         if meta_path.exists() and not force:
             try:
                 meta = json.loads(meta_path.read_text())
-                settings = {"occupancy_points": 0, **meta["settings"]}
+                # older builds did not record untextured: their procedural sets have colours
+                settings = {"occupancy_points": 0, "untextured": wanted["untextured"]}
+                settings.update(meta["settings"])
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 continue  # a damaged object: built again below
             if any(settings[k] != v for k, v in wanted.items()) or meta.get("seed") != seed:
@@ -217,18 +227,20 @@ def prepare_dataset(
     family_of = {job.object_id: job.family for job in jobs if job.object_id in metas}
     split = make_split(family_of, seed)
     _write_json(out / "split.json", {"seed": seed, **split})
+    occupancy = occupancy_summary(metas)
     _write_json(
         out / "dataset.json",
         {
             "settings": next(iter(metas.values()))["settings"], "seed": seed,
             "source": str(Path(input_folder).name) if input_folder else ",".join(families),
-            "objects": sorted(metas), "skipped": skipped,
+            "objects": sorted(metas), "skipped": skipped, "occupancy_labels": occupancy,
         },
     )  # fmt: skip
     return {
         "out": str(out), "n_objects": len(metas), "built": len(rows) - len(skipped),
         "already_built": len(existing), "skipped": skipped, "views_rendered": views_done,
         "seconds": seconds, "views_per_second": views_done / seconds if seconds > 0 else 0.0,
+        "occupancy_labels": occupancy,
     }  # fmt: skip
 
 
@@ -241,6 +253,21 @@ def _check_settings(values: dict, **rules: tuple[bool, str]) -> None:
             + "; ".join(f"{n}={values[n]!r} (must be {rules[n][1]})" for n in wrong),
             ", ".join(wrong), "change them to values in range",
         )  # fmt: skip
+
+
+def occupancy_summary(metas: dict[str, dict]) -> dict:
+    """Objects per way of labelling occupancy points, and those left without points and why.
+    -> {"counts": {"ray parity": n, "ray votes": n, "withheld": n}, "withheld": [{id, reason}]}"""
+    labels = {i: m["occupancy_labels"] for i, m in sorted(metas.items()) if "occupancy_labels" in m}
+    counts = {method: 0 for method in ("ray parity", "ray votes", "withheld")}
+    for record in labels.values():
+        counts[record["method"]] += 1
+    withheld = [
+        {"object_id": i, "reason": r["reason"]}
+        for i, r in labels.items()
+        if r["method"] == "withheld"
+    ]
+    return {"counts": counts, "withheld": withheld}
 
 
 def _build_star(arguments: tuple) -> dict:
