@@ -211,7 +211,8 @@ def test_runner_runs_in_order_keeps_copies_and_stops_at_the_first_failure(tmp_pa
     folder.mkdir()
     sources = {
         "02_c": "open('order.txt', 'a').write('c')",
-        "00_a": "open('order.txt', 'a').write('a')",
+        "00_a": "open('order.txt', 'a').write('a')\n"
+        "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='bar'): pass",
         "01_b": "open('order.txt', 'a').write('b')\nraise ValueError('broken on purpose')",
     }
     for name, source in sources.items():
@@ -230,3 +231,6 @@ def test_runner_runs_in_order_keeps_copies_and_stops_at_the_first_failure(tmp_pa
     }  # fmt: skip
     failed = nbformat.read(out / "01_b.ipynb", as_version=4)
     assert failed.cells[0].outputs[-1].output_type == "error"  # the copy shows what failed
+    assert "without encryption" not in done.stderr  # kernels on local sockets, not TCP
+    (bar,) = nbformat.read(out / "00_a.ipynb", as_version=4).cells[0].outputs
+    assert bar.data["text/plain"].startswith("bar: 100%|██████████| 3/3")  # its last state
