@@ -1,11 +1,15 @@
-# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`; `make lab` opens
+# the notebooks in JupyterLab.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: install demo test test-slow test-browser lint format bench clean
+# More JupyterLab options, e.g. make lab LAB_ARGS="--no-browser --port 8899".
+LAB_ARGS ?=
+
+.PHONY: install lab demo test test-slow test-browser lint format bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +18,13 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# JupyterLab on notebooks/ with the kernel of .venv. Kernels talk over local sockets (IPC), so
+# none warns that it runs over TCP without encryption; root (as in containers) needs --allow-root.
+# OMP_WAIT_POLICY as in make demo: spinning OpenMP threads make training ~60x slower on 2 cores.
+lab: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m jupyter lab --notebook-dir=notebooks --KernelManager.transport=ipc \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # The workbook end to end on the embedded default model, on the CPU: the six notebooks in
 # order, headless; executed copies and HTML in outputs/notebooks/, the adapter in
