@@ -159,10 +159,13 @@ def mesh_explorer(
     are drawn at once (plain outputs: a headless run keeps them); a click re-extracts and
     replaces them in place. -> the controls (an HBox)"""
     import ipywidgets as widgets
-    from IPython.display import Image, display
+    from IPython.display import display
 
-    from utils.notebook.mesh_figures import static_mesh_figure
-    from utils.notebook.viewer import meshes_side_by_side_widget, resolve_display_mode
+    from utils.notebook.viewer import (
+        meshes_side_by_side_widget,
+        resolve_display_mode,
+        static_picture,
+    )
 
     resolution_slider = widgets.SelectionSlider(
         options=sorted({*resolutions, resolution}), value=resolution, description="resolution"
@@ -183,7 +186,7 @@ def mesh_explorer(
         if mode in ("both", "widget"):
             parts["widget"] = meshes_side_by_side_widget(meshes)[0]
         if mode in ("both", "static"):
-            parts["static"] = Image(data=figure_png(static_mesh_figure(meshes)))
+            parts["static"] = static_picture(meshes, mode)
         for key, part in parts.items():
             if key in handles:
                 handles[key].update(part)
