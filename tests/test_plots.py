@@ -85,6 +85,19 @@ def test_live_plot_in_a_notebook_updates_one_output_in_place(monkeypatch):
     assert displayed[0].data.startswith(b"\x89PNG")
 
 
+def test_plot_loss_curves_writes_a_file_and_displays_nothing(tmp_path, monkeypatch):
+    """fit() calls it at the end of every run: in a notebook, a displayed copy repeated the
+    live plot (notebook 03 showed its final loss curve four times)."""
+    displayed = []
+    monkeypatch.setattr(curves, "_in_notebook", lambda: True)
+    monkeypatch.setattr("IPython.display.display", lambda obj, **kw: displayed.append(obj))
+    records = [{"step": s, "split": "train", "loss": 1 / s} for s in range(1, 4)]
+    assert curves.plot_loss_curves(records, tmp_path / "loss.png").is_file()
+    assert displayed == []
+    curves.LivePlot().on_step(1, {"loss": 1.0})  # the live plot itself still shows
+    assert len(displayed) == 1
+
+
 def test_plot_loss_curves_from_jsonl(tmp_path):
     records = [{"step": s, "split": "train", "loss": 1 / s} for s in range(1, 4)]
     records.append({"step": 3, "split": "val", "loss": 0.5})
