@@ -140,8 +140,10 @@ def comparison_grid(
         for c in range(n_cols):
             ax = axes[r, c]
             image = _as_image(rows[r][c]) if c < len(rows[r]) else None
-            if image is not None:
-                ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+            if image is not None and image.ndim == 2:  # grey levels in [0, 1], not stretched
+                ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+            elif image is not None:
+                ax.imshow(image)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 and col_titles is not None:
