@@ -7,6 +7,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+import trimesh
 from PIL import Image
 
 matplotlib.use("Agg")
@@ -147,6 +148,28 @@ def test_camera_frustums_put_apexes_at_camera_centres_and_mark_view_zero():
     np.testing.assert_allclose(apex, c2w[0, :3, 3], atol=1e-6)
     assert all(line.get_color() != "red" for line in drawn[6:])
     assert ax.get_legend().get_texts()[0].get_text().startswith("view 0")
+
+
+def test_camera_frustums_show_a_mesh_as_its_coloured_surface_in_a_tight_frame():
+    c2w = orbit_cameras(5, elevation_deg=10.0, camera_distance=1.9).numpy()
+    box = trimesh.creation.box(extents=(1.0, 0.6, 0.2))  # 8 vertices: a few dots before
+    box.visual.face_colors = [30, 160, 60, 255]
+    ax = plots.plot_camera_frustums(c2w, fovy_deg=40.0, points=box, max_points=500)
+    (cloud,) = ax.collections
+    n = len(cloud.get_offsets())
+    assert n > 400  # surface samples, not the 8 vertices
+    colours = np.unique(cloud.get_facecolors()[:, :3], axis=0)  # the mesh's, not grey
+    np.testing.assert_allclose(colours, [[30 / 255, 160 / 255, 60 / 255]])
+    limits = np.array([ax.get_xlim(), ax.get_ylim(), ax.get_zlim()])  # (3, 2)
+    assert np.all(limits[:, 0] <= c2w[:, :3, 3].min(0)) and np.all(
+        c2w[:, :3, 3].max(0) <= limits[:, 1]
+    )
+    assert np.all(limits[:, 0] <= -0.87) and np.all(limits[:, 1] >= 0.87)  # the object's cube
+    spans = limits[:, 1] - limits[:, 0]
+    assert spans[2] < 0.75 * spans[0]  # a flat ring of cameras gets a flat box, not a cube
+    np.testing.assert_allclose(
+        ax.get_box_aspect() / ax.get_box_aspect()[0], spans / spans[0], rtol=1e-6
+    )
 
 
 def test_comparison_grid_titles_and_empty_cells():

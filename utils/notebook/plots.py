@@ -11,10 +11,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import trimesh
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from utils.data.dataset import DEPTH_BACKGROUND
+from utils.notebook.mesh_figures import face_colors
 
 BACKGROUND_DEPTH_COLOR = "white"  # pixels whose depth is the dataset's DEPTH_BACKGROUND
 
@@ -87,7 +89,8 @@ def plot_camera_frustums(
 ):
     """Cameras as pyramids around the object in TripoSR's world (z up); view 0, the
     conditioning view, in red. c2w (V, 4, 4) OpenGL camera-to-world; `points` is a trimesh
-    or (N, 3) points drawn as a cloud. Returns the 3D axes."""
+    (`max_points` samples of its surface in its colours: its vertices alone would be a few
+    dots for a flat-sided part) or (N, 3) points drawn as a cloud. Returns the 3D axes."""
     c2w = np.asarray(c2w, dtype=np.float64)
     if ax is None:
         ax = Figure(figsize=(5, 5)).add_subplot(projection="3d")
@@ -112,14 +115,21 @@ def plot_camera_frustums(
         top = corners[:2].mean(0) + pose[:3, 1] * 0.3 * half_h
         ax.plot(*zip(corners[0], top, corners[1], strict=True), color=color, lw=width)
     ax.plot([], [], color="red", lw=2, label="view 0 (conditioning)")
-    if points is not None:
-        cloud = np.asarray(points.vertices if hasattr(points, "vertices") else points)
+    if isinstance(points, trimesh.Trimesh):
+        cloud, face = trimesh.sample.sample_surface(points, max_points, seed=0)
+        ax.scatter(*np.asarray(cloud).T, s=3, c=face_colors(points)[face], depthshade=False)
+    elif points is not None:
+        cloud = np.asarray(points)
         if len(cloud) > max_points:
             cloud = cloud[np.random.default_rng(0).choice(len(cloud), max_points, replace=False)]
         ax.scatter(cloud[:, 0], cloud[:, 1], cloud[:, 2], s=1, color="0.4")
-    extent = float(np.abs(centres).max()) + frustum_depth
-    ax.set(xlim=(-extent, extent), ylim=(-extent, extent), zlim=(-extent, extent))
-    ax.set_box_aspect((1, 1, 1))
+    # Each axis spans what is drawn (cameras and the object's cube) at one scale, so the flat
+    # band of cameras does not leave the object small in a mostly empty cube.
+    corners = np.einsum("kc,vrc->vkr", corners_cam, c2w[:, :3, :3]) + centres[:, None]  # (V, 4, 3)
+    drawn = np.vstack([centres, corners.reshape(-1, 3), [[-0.87] * 3, [0.87] * 3]])
+    low, high = drawn.min(axis=0) - 0.05, drawn.max(axis=0) + 0.05
+    ax.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), zlim=(low[2], high[2]))
+    ax.set_box_aspect(tuple(high - low), zoom=1.15)
     ax.set(xlabel="x", ylabel="y", zlabel="z (up)")
     ax.legend(loc="upper left", fontsize="small")
     return ax
