@@ -192,3 +192,38 @@ def benchmark_plot(
         if group_by:
             ax.legend(fontsize="small")
     return fig
+
+
+def lora_update_plot(rows: Sequence[dict], top: int = 3) -> Figure:
+    """What a LoRA learned, from `lora.update_norms` records. Left: ||(alpha/r) B A||_F of each
+    wrapped layer as a heat map, kind of layer (rows) by backbone block (columns). Right: the
+    singular values of the `top` layers that moved most (a fast drop: few directions used)."""
+    kinds = list(dict.fromkeys(row["kind"] for row in rows))
+    blocks = sorted(
+        {row["block"] for row in rows}, key=lambda block: -1 if block is None else block
+    )
+    heat = np.full((len(kinds), len(blocks)), np.nan)  # (kinds, blocks)
+    for row in rows:
+        heat[kinds.index(row["kind"]), blocks.index(row["block"])] = row["update_norm"]
+    fig = Figure(figsize=(5.0 + 0.5 * len(blocks), 1.0 + 0.4 * len(kinds)), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=(max(len(blocks), 3), 4))
+    image = left.imshow(heat, cmap="viridis", aspect="auto")
+    if heat.size <= 64:  # numbers fit in the cells
+        for (k, b), value in np.ndenumerate(heat):
+            left.text(b, k, f"{value:.2g}", ha="center", va="center", fontsize=7, color="w")
+    left.set_xticks(range(len(blocks)), ["-" if block is None else str(block) for block in blocks])
+    left.set_yticks(range(len(kinds)), kinds)
+    left.set(xlabel="backbone block", title="update size ||(α/r) B A|| per layer")
+    fig.colorbar(image, ax=left, shrink=0.8)
+    largest = sorted(rows, key=lambda row: -row["update_norm"])[:top]
+    for row in largest:
+        values = row["singular_values"]
+        label = f"block {row['block']} {row['kind']}"
+        right.plot(range(1, len(values) + 1), values, "o-", ms=3, label=label)
+    if largest and min(min(row["singular_values"]) for row in largest) > 0:
+        right.set_yscale("log")
+    right.set(xlabel="index (up to the rank r)", ylabel="singular value of (α/r) B A")
+    right.set_title(f"the {len(largest)} layers that moved most", fontsize="medium")
+    right.grid(alpha=0.3, which="both")
+    right.legend(fontsize="small")
+    return fig
