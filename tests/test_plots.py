@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 
 import matplotlib
 import numpy as np
@@ -170,6 +171,30 @@ def test_camera_frustums_show_a_mesh_as_its_coloured_surface_in_a_tight_frame():
     np.testing.assert_allclose(
         ax.get_box_aspect() / ax.get_box_aspect()[0], spans / spans[0], rtol=1e-6
     )
+
+
+def test_paired_scatter_puts_each_object_at_its_two_scores_and_counts_each_side():
+    base = {"chamfer_l1": [0.1, 0.2, 0.3, 0.4], "psnr": [10.0, 12.0, 11.0, 9.0]}
+    lora = {"chamfer_l1": [0.05, 0.25, 0.3, math.nan], "psnr": [11.0, 11.0, 11.0, 9.5]}
+    records = {
+        name: [
+            {"chamfer_l1": c, "psnr": p} for c, p in zip(m["chamfer_l1"], m["psnr"], strict=True)
+        ]
+        for name, m in (("base", base), ("LoRA", lora))
+    }
+    figure = plots.paired_scatter(records, ("chamfer_l1", "psnr"))
+    chamfer, psnr = figure.axes
+    np.testing.assert_allclose(
+        chamfer.collections[0].get_offsets(), [[0.1, 0.05], [0.2, 0.25], [0.3, 0.3]]
+    )
+    assert "better on 1, worse on 1 of 3" in chamfer.get_title()  # the NaN object left out
+    assert "lower is better: below the line" in chamfer.get_title()
+    green, red = matplotlib.colors.to_rgba("tab:green"), matplotlib.colors.to_rgba("tab:red")
+    colours = [tuple(c) for c in chamfer.collections[0].get_facecolors()]
+    assert colours[0][:3] == green[:3] and colours[1][:3] == red[:3]  # lower Chamfer is better
+    assert "better on 2, worse on 1 of 4" in psnr.get_title()  # higher PSNR is better
+    (diagonal,) = chamfer.lines
+    np.testing.assert_allclose(diagonal.get_xdata(), diagonal.get_ydata())
 
 
 def test_comparison_grid_titles_and_empty_cells():

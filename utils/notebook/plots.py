@@ -1,5 +1,5 @@
-"""Figures for the notebooks and CLIs: live loss curves, contact sheets, camera frustums,
-comparison grids, metric bars and benchmark lines.
+"""Figures for the notebooks and CLIs: contact sheets, camera frustums, comparison grids,
+benchmark lines, what a LoRA learned, and base-vs-LoRA scores per object.
 
 Every function builds a `matplotlib.figure.Figure` directly (not through pyplot), so nothing
 is shown twice by the inline backend and everything also works headless (Agg).
@@ -16,6 +16,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from utils.data.dataset import DEPTH_BACKGROUND
+from utils.evaluation.report import METRICS
 from utils.notebook.mesh_figures import face_colors
 
 BACKGROUND_DEPTH_COLOR = "white"  # pixels whose depth is the dataset's DEPTH_BACKGROUND
@@ -226,4 +227,36 @@ def lora_update_plot(rows: Sequence[dict], top: int = 3) -> Figure:
     right.set_title(f"the {len(largest)} layers that moved most", fontsize="medium")
     right.grid(alpha=0.3, which="both")
     right.legend(fontsize="small")
+    return fig
+
+
+def paired_scatter(
+    records: dict[str, list[dict]],
+    metrics: Sequence[str] = ("chamfer_l1", "f@0.05", "psnr", "mask_iou"),
+    base: str = "base",
+    other: str = "LoRA",
+) -> Figure:
+    """One point per object, `base`'s score across and `other`'s up, a panel per metric, the
+    diagonal y = x drawn: points on the better side of it (below for lower-is-better metrics)
+    in green, the others in red, with the counts in the title. Objects pair by position in
+    `evaluate_model`'s records; an empty mesh's NaN is left out."""
+    fig = Figure(figsize=(3.2 * len(metrics), 3.4), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
+        label, better = METRICS[metric]
+        pairs = np.array([(b[metric], o[metric]) for b, o in zip(records[base], records[other],
+                                                                 strict=True)], dtype=float)  # fmt: skip
+        pairs = pairs[np.isfinite(pairs).all(axis=1)]  # (N, 2)
+        gain = pairs[:, 1] - pairs[:, 0] if better == "higher" else pairs[:, 0] - pairs[:, 1]
+        colours = np.where(gain > 0, "tab:green", np.where(gain < 0, "tab:red", "0.5"))
+        ax.scatter(pairs[:, 0], pairs[:, 1], s=14, c=colours, alpha=0.8)
+        low, high = (pairs.min(), pairs.max()) if len(pairs) else (0.0, 1.0)
+        pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="0.4", lw=0.8, ls="--")
+        ax.set(xlim=(low - pad, high + pad), ylim=(low - pad, high + pad), aspect="equal")
+        ax.set(xlabel=f"{base}", ylabel=f"{other}")
+        side = "above" if better == "higher" else "below"
+        ax.set_title(f"{label} ({better} is better: {side} the line)\n"
+                     f"{other} better on {int((gain > 0).sum())}, worse on {int((gain < 0).sum())}"
+                     f" of {len(pairs)}", fontsize="small")  # fmt: skip
+        ax.grid(alpha=0.3)
     return fig
