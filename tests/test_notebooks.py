@@ -195,6 +195,36 @@ def test_previews_keep_the_first_validation_and_amplify_the_change_since_it(tiny
     assert axes[2, 3].images[0].get_clim() == (0.0, 1.0)  # grey levels are not stretched
 
 
+def test_lora_settings_compared_from_one_start(tmp_path, smoke_data):
+    from utils.data.dataset import MultiViewDataset
+    from utils.training.config import TrainConfig
+
+    size = TSR.from_config("tiny", seed=0).config.cond_image_size
+    train = MultiViewDataset(smoke_data, "train", 2, cond_size=size)
+    val = MultiViewDataset(smoke_data, "val", 2, cond_size=size)
+    variants = {"r=2": {"r": 2, "alpha": 2}, "r=4 cross": {"r": 4, "alpha": 8, "targets": "cross"}}
+    config = TrainConfig(max_steps=2, batch_size=1, rays_per_object=64, val_objects=1, val_every=1,
+                         early_stopping_patience=1, progress=False)  # fmt: skip
+    rows = measuring.compare_lora_settings("tiny", train, val, variants, config, "cpu", tmp_path)
+    assert [row["variant"] for row in rows] == list(variants)
+    assert all(row["steps"] == 2 for row in rows)  # no early stop: every variant runs as long
+    # LoRA is a no-op at step 0 (B = 0): every variant starts from the base model's numbers.
+    assert rows[0]["val_loss at 0"] == rows[1]["val_loss at 0"]
+    assert rows[0]["val_psnr at 0"] == rows[1]["val_psnr at 0"]
+    # Trainable parameters, by hand: r (d_in + d_out) per wrapped layer.
+    model = TSR.from_config("tiny", seed=0)
+    layers = {
+        "r=2": lora.resolve_targets(model, "attn"),
+        "r=4 cross": lora.resolve_targets(model, "cross"),
+    }
+    for row, r in zip(rows, (2, 4), strict=True):
+        shapes = [model.get_submodule(name) for name in layers[row["variant"]]]
+        assert row["trainable"] == sum(r * (m.in_features + m.out_features) for m in shapes)
+    assert (tmp_path / "r=2" / "adapter").is_dir()
+    logged = [json.loads(line) for line in (tmp_path / "r=2" / "metrics.jsonl").open()]
+    assert [r["step"] for r in logged if "val_loss" in r] == [0, 2]  # validated at both ends only
+
+
 def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path, smoke_data):
     run_dir = tmp_path / "run"
     first = setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
