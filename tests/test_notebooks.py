@@ -1,6 +1,6 @@
 """The notebooks as files (clean, one settings cell, prose before short code), the helpers they
-share (utils/notebook/) and the runner behind `make demo`. Running the notebooks
-themselves is nbmake's job in `make test` (SMOKE=1)."""
+share (utils/notebook/) and the runner behind `make demo`. The notebooks themselves run in
+tests/test_executed_notebooks.py, which also reads what they show."""
 
 from __future__ import annotations
 
@@ -241,16 +241,13 @@ def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path,
     )
 
 
-def test_per_object_rows_and_the_most_changed_object_skip_nothing_but_empty_meshes():
+def test_the_most_changed_object_skips_nothing_but_empty_meshes():
     chamfer = {"base": [0.1, math.nan, 0.3], "LoRA": [0.12, 0.05, 0.2]}  # NaN: an empty mesh
     records = {
         model: [{"object_id": f"o{i}", "chamfer_l1": v} for i, v in enumerate(values)]
         for model, values in chamfer.items()
     }
     assert tables.most_changed(records, "chamfer_l1", "base", "LoRA") == 2
-    rows = tables.per_object_table(records, ["chamfer_l1"])
-    assert [row["object"] for row in rows] == ["o0", "o1", "o2"]
-    assert rows[2] == {"object": "o2", "chamfer_l1 base": 0.3, "chamfer_l1 LoRA": 0.2}
 
 
 def test_export_meshes_writes_every_format(tmp_path):
