@@ -37,6 +37,7 @@ from utils.training.adapters import load_adapter
 from utils.training.lora import merge_adapter
 
 FORMATS = ("obj", "glb", "ply", "stl")
+DEFAULT_OUTPUT_DIR = Path("outputs/inference")  # under outputs/ (ignored), not the repository root
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -52,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repo_root", default=DEFAULT_MODEL, help="base model: folder, Hub repo id or shipped name"
     )
-    parser.add_argument("--output", type=Path, help="mesh file (default mesh_lora.<format>)")
+    parser.add_argument(
+        "--output", type=Path, help=f"mesh file (default {DEFAULT_OUTPUT_DIR}/mesh_lora.<format>)"
+    )
     parser.add_argument("--output_dir", type=Path, help="batch mode: where the meshes go")
     parser.add_argument("--format", choices=FORMATS, help="default: --output's suffix, else obj")
     parser.add_argument(
@@ -71,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         suffix = args.output.suffix.lstrip(".") if args.output else ""
         args.format = suffix if suffix in FORMATS else "obj"
     if args.output is None:
-        args.output = Path(f"mesh_lora.{args.format}")
+        args.output = DEFAULT_OUTPUT_DIR / f"mesh_lora.{args.format}"
     return args
 
 

@@ -7,6 +7,8 @@ Each notebook runs top to bottom in a fresh kernel whose working folder is noteb
 JupyterLab and under nbmake; the notebooks chdir to the repository themselves). The executed
 copy and an HTML export go to outputs/notebooks/, with runtimes.json; a line per notebook
 gives its runtime. The first failing notebook stops the run, naming the cell that failed.
+Kernels talk to the runner over local sockets (IPC), not TCP, so none warns that it runs
+over TCP without encryption.
 
 Headless, no widget frontend will ever draw the 3D viewers, so the meshes are shown as static
 pictures only (WORKBOOK_STATIC_VIEWER=1, see utils/notebook/viewer.py): saved widget state would hold
@@ -16,9 +18,11 @@ every mesh's geometry (tens of MB per notebook). --widgets keeps the widgets as 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +31,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 from nbconvert import HTMLExporter
+from traitlets.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,20 +72,59 @@ def _timestamp(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def run(path: Path, out: Path, cell_timeout: int, kernel: str):
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+PROGRESS_PARTS = ["HTMLModel", "FloatProgressModel", "HTMLModel"]  # tqdm's notebook bar
+
+
+def settle_progress_bars(notebook, widget_state: dict, keep_widgets: bool) -> None:
+    """A tqdm bar in a notebook is a widget whose text is what it showed when it appeared,
+    "0%|", which reads as a hung run in a saved copy. Give each bar the text of its last
+    state (from the widget messages), and drop the bars that hid themselves when done."""
+
+    def model(reference: str) -> dict:
+        return widget_state.get(reference.removeprefix("IPY_MODEL_"), {})
+
+    for cell in notebook.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            box = widget_state.get(view["model_id"], {}) if view else {}
+            parts = [model(child) for child in box.get("children", [])]
+            if [part.get("_model_name") for part in parts] != PROGRESS_PARTS:
+                kept.append(output)
+                continue
+            if model(box.get("layout", "")).get("visibility") == "hidden":
+                continue
+            left, bar, right = parts
+            filled = round(10 * bar["value"] / bar["max"]) if bar.get("max") else 0
+            text = f"{left['value']}|{'█' * filled}{' ' * (10 - filled)}|{right['value']}"
+            output.data["text/plain"] = html.unescape(text).replace("\u2007", " ")
+            if not keep_widgets:
+                del output.data[WIDGET_VIEW]  # its state is not saved: the text is what shows
+            kept.append(output)
+        if cell.cell_type == "code":
+            cell.outputs = kept
+
+
+def run(path: Path, out: Path, cell_timeout: int, kernel: str, keep_widgets: bool = False):
     """Execute one notebook; write the executed copy and HTML.
     -> (seconds, the error line or None, the executed notebook)"""
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        notebook, timeout=cell_timeout, kernel_name=kernel,
-        resources={"metadata": {"path": str(path.parent)}},
-    )  # fmt: skip
     start, error = time.perf_counter(), None
-    try:
-        client.execute()
-    except (CellExecutionError, CellTimeoutError) as failure:
-        error = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
+    with tempfile.TemporaryDirectory(prefix="kernel-") as sockets:
+        ipc = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "ipc")}})
+        client = NotebookClient(
+            notebook, timeout=cell_timeout, kernel_name=kernel, config=ipc,
+            resources={"metadata": {"path": str(path.parent)}},
+        )  # fmt: skip
+        try:
+            client.execute()
+        except (CellExecutionError, CellTimeoutError) as failure:
+            error = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
     seconds = time.perf_counter() - start
+    settle_progress_bars(notebook, client.widget_state, keep_widgets)
+    if not keep_widgets:
+        notebook.metadata.pop("widgets", None)
     out.mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook, out / path.name)
     html, _ = HTMLExporter().from_notebook_node(notebook)
@@ -99,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     runtimes, total = {}, time.perf_counter()
     for number, path in enumerate(notebooks, 1):
         print(f"[{number}/{len(notebooks)}] {path.name} ...", flush=True)
-        seconds, error, executed = run(path, args.out, args.cell_timeout, args.kernel)
+        seconds, error, executed = run(path, args.out, args.cell_timeout, args.kernel, args.widgets)
         runtimes[path.name] = round(seconds, 1)
         status = "FAILED" if error else "ok"
         print(f"[{number}/{len(notebooks)}] {path.name}: {status} in {seconds:.1f} s "

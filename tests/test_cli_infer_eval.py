@@ -100,9 +100,10 @@ def test_inference_single_image_with_the_course_pth_matches_the_adapter_folder(s
         "--format", "ply", cwd=tmp,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert (tmp / "mesh_lora.ply").is_file() and (tmp / "mesh_lora.json").is_file()
+    written = tmp / "outputs" / "inference"  # the default: under outputs/, not the working folder
+    assert (written / "mesh_lora.ply").is_file() and (written / "mesh_lora.json").is_file()
     # the course .pth (alpha folded into B) and our folder are the same adapter
-    from_course = trimesh.load(tmp / "mesh_lora.ply", force="mesh")
+    from_course = trimesh.load(written / "mesh_lora.ply", force="mesh")
     from_folder = trimesh.load(batch / "lora" / f"{object_id}.obj", force="mesh")
     assert from_course.vertices.shape == from_folder.vertices.shape
     assert abs(from_course.vertices - from_folder.vertices).max() < 1e-4

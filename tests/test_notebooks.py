@@ -1,6 +1,6 @@
 """The notebooks as files (clean, one settings cell, prose before short code), the helpers they
-share (utils/notebook/) and the runner behind `make demo`. Running the notebooks
-themselves is nbmake's job in `make test` (SMOKE=1)."""
+share (utils/notebook/) and the runner behind `make demo`. The notebooks themselves run in
+tests/test_executed_notebooks.py, which also reads what they show."""
 
 from __future__ import annotations
 
@@ -171,6 +171,60 @@ def test_gradient_norms_tell_lora_a_from_b(tiny):
     assert rows["lora_B"]["gradient norm"] > 0.0
 
 
+def test_previews_keep_the_first_validation_and_amplify_the_change_since_it(tiny, smoke_data):
+    from utils.data.dataset import MultiViewDataset
+
+    model = TSR.from_config("tiny", seed=0)
+    val = MultiViewDataset(smoke_data, "val", 2, cond_size=model.config.cond_image_size)
+    preview = previews.PreviewCallback(model, val, size=16, max_rows=3)
+    for step in (0, 50, 100, 150):
+        preview.on_validation(step, {"val_loss": 1.0})
+        with torch.no_grad():  # a different model at every validation
+            model.decoder.layers[-1].bias.add_(0.05 * (step + 50) / 50)
+    assert [step for step, _ in preview.shown()] == [0, 100, 150]  # step 0 is never dropped
+    figure = preview.figure()
+    axes = np.array(figure.axes).reshape(3, 4)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["step 0", "step 100", "step 150"]
+    assert len(axes[0, 3].images) == 0  # no change to show for the first row
+    first, last = preview.shown()[0][1], preview.shown()[-1][1]
+    change = np.abs(last - first).mean(axis=-1)  # the hand computation, per pixel
+    gain = 1.0 / max(change.max(), np.abs(preview.shown()[1][1] - first).mean(-1).max())
+    shown = np.asarray(axes[2, 3].images[0].get_array())
+    np.testing.assert_allclose(shown, 1.0 - np.clip(change * gain, 0, 1), atol=1e-6)
+    assert axes[0, 3].get_title() == f"change since step 0 (x{gain:.0f})"
+    assert axes[2, 3].images[0].get_clim() == (0.0, 1.0)  # grey levels are not stretched
+
+
+def test_lora_settings_compared_from_one_start(tmp_path, smoke_data):
+    from utils.data.dataset import MultiViewDataset
+    from utils.training.config import TrainConfig
+
+    size = TSR.from_config("tiny", seed=0).config.cond_image_size
+    train = MultiViewDataset(smoke_data, "train", 2, cond_size=size)
+    val = MultiViewDataset(smoke_data, "val", 2, cond_size=size)
+    variants = {"r=2": {"r": 2, "alpha": 2}, "r=4 cross": {"r": 4, "alpha": 8, "targets": "cross"}}
+    config = TrainConfig(max_steps=2, batch_size=1, rays_per_object=64, val_objects=1, val_every=1,
+                         early_stopping_patience=1, progress=False)  # fmt: skip
+    rows = measuring.compare_lora_settings("tiny", train, val, variants, config, "cpu", tmp_path)
+    assert [row["variant"] for row in rows] == list(variants)
+    assert all(row["steps"] == 2 for row in rows)  # no early stop: every variant runs as long
+    # LoRA is a no-op at step 0 (B = 0): every variant starts from the base model's numbers.
+    assert rows[0]["val_loss at 0"] == rows[1]["val_loss at 0"]
+    assert rows[0]["val_psnr at 0"] == rows[1]["val_psnr at 0"]
+    # Trainable parameters, by hand: r (d_in + d_out) per wrapped layer.
+    model = TSR.from_config("tiny", seed=0)
+    layers = {
+        "r=2": lora.resolve_targets(model, "attn"),
+        "r=4 cross": lora.resolve_targets(model, "cross"),
+    }
+    for row, r in zip(rows, (2, 4), strict=True):
+        shapes = [model.get_submodule(name) for name in layers[row["variant"]]]
+        assert row["trainable"] == sum(r * (m.in_features + m.out_features) for m in shapes)
+    assert (tmp_path / "r=2" / "adapter").is_dir()
+    logged = [json.loads(line) for line in (tmp_path / "r=2" / "metrics.jsonl").open()]
+    assert [r["step"] for r in logged if "val_loss" in r] == [0, 2]  # validated at both ends only
+
+
 def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path, smoke_data):
     run_dir = tmp_path / "run"
     first = setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
@@ -187,16 +241,13 @@ def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path,
     )
 
 
-def test_per_object_rows_and_the_most_changed_object_skip_nothing_but_empty_meshes():
+def test_the_most_changed_object_skips_nothing_but_empty_meshes():
     chamfer = {"base": [0.1, math.nan, 0.3], "LoRA": [0.12, 0.05, 0.2]}  # NaN: an empty mesh
     records = {
         model: [{"object_id": f"o{i}", "chamfer_l1": v} for i, v in enumerate(values)]
         for model, values in chamfer.items()
     }
     assert tables.most_changed(records, "chamfer_l1", "base", "LoRA") == 2
-    rows = tables.per_object_table(records, ["chamfer_l1"])
-    assert [row["object"] for row in rows] == ["o0", "o1", "o2"]
-    assert rows[2] == {"object": "o2", "chamfer_l1 base": 0.3, "chamfer_l1 LoRA": 0.2}
 
 
 def test_export_meshes_writes_every_format(tmp_path):
@@ -211,7 +262,8 @@ def test_runner_runs_in_order_keeps_copies_and_stops_at_the_first_failure(tmp_pa
     folder.mkdir()
     sources = {
         "02_c": "open('order.txt', 'a').write('c')",
-        "00_a": "open('order.txt', 'a').write('a')",
+        "00_a": "open('order.txt', 'a').write('a')\n"
+        "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='bar'): pass",
         "01_b": "open('order.txt', 'a').write('b')\nraise ValueError('broken on purpose')",
     }
     for name, source in sources.items():
@@ -230,3 +282,6 @@ def test_runner_runs_in_order_keeps_copies_and_stops_at_the_first_failure(tmp_pa
     }  # fmt: skip
     failed = nbformat.read(out / "01_b.ipynb", as_version=4)
     assert failed.cells[0].outputs[-1].output_type == "error"  # the copy shows what failed
+    assert "without encryption" not in done.stderr  # kernels on local sockets, not TCP
+    (bar,) = nbformat.read(out / "00_a.ipynb", as_version=4).cells[0].outputs
+    assert bar.data["text/plain"].startswith("bar: 100%|██████████| 3/3")  # its last state

@@ -196,6 +196,37 @@ def lora_size_table(model: nn.Module, ranks=(4, 8, 16, 32), targets="attn") -> s
     return "\n".join(rows)
 
 
+def update_norms(model: nn.Module) -> list[dict]:
+    """What the adapter learned, per wrapped layer: the update dW = (alpha / r) B A it adds to
+    the frozen weight W. -> one record per layer, in model order: layer, kind, block,
+    update_norm = ||dW||_F, relative = ||dW||_F / ||W||_F, and dW's r singular values
+    (descending; few large ones = the layer moved along few directions)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no LoRA layers (a merged adapter leaves none): load the adapter "
+            "with adapters.load_adapter and do not merge it"
+        )
+    rows = []
+    for name, layer in layers.items():
+        adapter = layer.active_adapters[0]
+        down = layer.lora_A[adapter].weight.detach().float()  # A: (r, d_in)
+        up = layer.lora_B[adapter].weight.detach().float()  # B: (d_out, r)
+        # B = Qb Rb and A^T = Qa Ra with orthonormal columns, so B A = Qb (Rb Ra^T) Qa^T has the
+        # singular values of the r x r core: no d_out x d_in matrix is ever decomposed.
+        core = torch.linalg.qr(up).R @ torch.linalg.qr(down.T).R.T  # (r, r)
+        singular = float(layer.scaling[adapter]) * torch.linalg.svdvals(core)  # (r,)
+        norm = float(singular.norm())  # ||dW||_F = sqrt(sum of squared singular values)
+        block = re.search(r"transformer_blocks\.(\d+)\.", name)
+        rows.append({
+            "layer": name, "kind": _kind(name), "block": int(block.group(1)) if block else None,
+            "update_norm": norm,
+            "relative": norm / float(layer.get_base_layer().weight.detach().float().norm()),
+            "singular_values": singular.tolist(),
+        })  # fmt: skip
+    return rows
+
+
 def merge_adapter(model: TSR) -> TSR:
     """Fold each LoRA update into its base Linear and drop the wrappers: plain TSR again."""
     for name, layer in list(lora_layers(model).items()):
