@@ -232,3 +232,22 @@ def test_fingerprint_sees_every_byte_of_every_tensor():
         largest.view(-1)[-1] += 1.0  # the last value: beyond the first 4 KB of any tensor
     assert largest.numel() * largest.element_size() > 4096, name
     assert model.weights_fingerprint() != before
+
+
+@pytest.mark.parametrize("r, alpha", [(4, 8), (2, 16)])
+def test_adapted_layer_is_base_plus_alpha_over_r_times_b_a(tmp_path, r, alpha):
+    """W x + b + (alpha / r) B A x, computed by hand from the layer's own tensors, for the
+    adapter as trained and as saved and loaded again (alpha comes back from the files)."""
+    name = "backbone.transformer_blocks.1.attn1.to_out.0"  # a Linear with a bias
+    trained = trained_adapter(r=r, alpha=alpha)
+    folder = save_adapter(trained, tmp_path / "adapter")
+    for model in (trained, load_adapter(tiny(), folder)):
+        layer = model.get_submodule(name)
+        weight, bias = layer.base_layer.weight, layer.base_layer.bias  # (out, in), (out,)
+        lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert lora_a.shape == (r, weight.shape[1]) and lora_b.shape == (weight.shape[0], r)
+        x = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(2))
+        expected = x @ weight.T + bias + (alpha / r) * (x @ lora_a.T @ lora_b.T)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(expected, x @ weight.T + bias + x @ lora_a.T @ lora_b.T)
