@@ -58,8 +58,9 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 # One table: mesh extraction (TripoSR's loop, dense, coarse-to-fine, the default) at 128/256/512
-# for the classroom and the full-size model, with time and peak memory: an hour or more on 2
-# cores. `make bench BENCH_ARGS=--quick` takes minutes (128/256 classroom, 128 full-size).
+# for the classroom and the full-size model, with time and peak memory: about 2,500 CPU
+# seconds, 20-30 min on 2 idle cores. `make bench BENCH_ARGS=--quick` (128/256 classroom, 128
+# full-size) is about 200 CPU seconds.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) benchmarks/bench_mesh.py $(BENCH_ARGS)

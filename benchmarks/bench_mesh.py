@@ -15,8 +15,8 @@ faces, peak RSS and how far its mesh is from the dense one. Cases:
 Each case runs in its own process, so its peak RSS is its own; "over weights" is the peak
 less the RSS right after the model was loaded.
 
-    python benchmarks/bench_mesh.py --quick        # a few minutes on 2 cores
-    python benchmarks/bench_mesh.py                # 128/256/512 for both models (an hour+)
+    python benchmarks/bench_mesh.py --quick        # ~200 CPU s: minutes on 2 idle cores
+    python benchmarks/bench_mesh.py                # 128/256/512, both models: ~2,500 CPU s
     python benchmarks/bench_mesh.py --models full --resolutions 256 --cases official auto
     python benchmarks/bench_mesh.py --full --device cuda   # full-size model on a GPU
 
