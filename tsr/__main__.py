@@ -1,4 +1,9 @@
-"""`python -m tsr IMAGE...`: images -> meshes (and optional turntable renders), like run.py."""
+"""`python -m tsr IMAGE...`: images -> meshes (and optional turntable renders), like run.py.
+
+Each image gets a folder in --output-dir named after its file stem; inputs that share a stem
+get the stem plus a hash of their path (see `tsr.export.output_names`). Every file is written
+atomically.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .export import output_names, save_image, save_mesh, write_atomic
 from .io import DEFAULT_MODEL
 from .model import TSR
 from .preprocess import has_transparency, load_image, remove_background, resize_foreground
@@ -53,13 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"input images not found: {missing}")
     model = TSR.from_pretrained(args.pretrained).to(args.device)
     model.renderer.set_chunk_size(args.chunk_size)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     summary = []
-    for path in tqdm(args.images, desc="images", unit="image"):
-        out = args.output_dir / path.stem
-        out.mkdir(parents=True, exist_ok=True)
+    images = tqdm(args.images, desc="images", unit="image")
+    for path, name in zip(images, output_names(args.images), strict=True):
+        out = args.output_dir / name
         image = prepare_input(path, not args.no_remove_bg, args.foreground_ratio)
-        image.save(out / "input.png")
+        save_image(image, out / "input.png")
         started = time.perf_counter()
         with torch.no_grad():
             scene_codes = model([image], device=args.device)
@@ -71,11 +76,11 @@ def main(argv: list[str] | None = None) -> None:
             method=args.mc_method,
         )[0]
         mesh_path = out / f"mesh.{args.format}"
-        mesh.export(mesh_path)
+        save_mesh(mesh, mesh_path)
         if args.render:
             views = model.render(scene_codes, n_views=30, return_type="pil")[0]
             for index, view in enumerate(views):
-                view.save(out / f"render_{index:03d}.png")
+                save_image(view, out / f"render_{index:03d}.png")
         summary.append(
             {
                 "image": str(path),
@@ -88,9 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"{path} -> {mesh_path} ({len(mesh.faces)} faces)")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings["images"] = [str(p) for p in args.images]
-    (args.output_dir / "run.json").write_text(
-        json.dumps({"settings": settings, "outputs": summary}, indent=2)
-    )
+    run = {"settings": settings, "outputs": summary}
+    write_atomic(args.output_dir / "run.json", json.dumps(run, indent=2).encode())
 
 
 if __name__ == "__main__":
