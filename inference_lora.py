@@ -3,11 +3,14 @@
     python inference_lora.py --image_path examples/sphere.png --lora_path outputs_lora/run/adapter
     python inference_lora.py --image_path chair.png --lora_path lora_weights.pth --repo_root .
     python inference_lora.py --image_dir photos/ --output_dir meshes/ [--lora_path ...]
+    python inference_lora.py --image_path chair.png --output chair.glb --bake-texture
 
 The adapter's rank, alpha and targets are read from its files, never assumed (the course
 project's lora_weights.pth has no alpha: its r=16/alpha=16 convention applies). The adapter is
 merged into the base weights before inference. Without --lora_path the base model runs, which
-gives the batch mode's "base" meshes. Settings are saved next to the output as .json.
+gives the batch mode's "base" meshes. Settings are saved next to the output as .json. Files are
+written atomically; in batch mode two images with the same stem (x.png, x.jpg) get distinct
+names (see tsr.export.output_names). --bake-texture writes a textured mesh (obj or glb).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tsr.__main__ import prepare_input
+from tsr.__main__ import add_bake_arguments, check_bake_arguments, prepare_input
+from tsr.bake import bake_texture
+from tsr.export import output_names, save_mesh, write_atomic
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.lora import load_adapter, merge_adapter
@@ -49,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-remove-bg", action="store_true", help="the image is ready as is")
     parser.add_argument("--foreground-ratio", type=float, default=0.85)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_bake_arguments(parser)
     args = parser.parse_args(argv)
     if args.image_dir is not None and args.output_dir is None:
         parser.error("--image_dir needs --output_dir")
@@ -57,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.format = suffix if suffix in FORMATS else "obj"
     if args.output is None:
         args.output = Path(f"mesh_lora.{args.format}")
+    check_bake_arguments(parser, args)
     return args
 
 
@@ -79,10 +86,11 @@ def image_to_mesh(model: TSR, image_path: Path, out_path: Path, args: argparse.N
     mesh = model.extract_mesh(
         scene_codes, has_vertex_color=True, resolution=args.mc_resolution, threshold=args.threshold
     )[0]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    mesh.export(out_path, file_type=args.format)
     if len(mesh.faces) == 0:
         tqdm.write(f"{image_path}: empty mesh (no density reaches the threshold); try --threshold")
+    elif args.bake_texture:
+        mesh = bake_texture(model, scene_codes[0], mesh, args.texture_resolution)
+    save_mesh(mesh, out_path, args.format)
     return {
         "image": str(image_path),
         "mesh": str(out_path),
@@ -102,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        jobs = [(p, args.output_dir / f"{p.stem}.{args.format}") for p in images]
+        names = output_names(images)
+        jobs = [
+            (p, args.output_dir / f"{n}.{args.format}") for p, n in zip(images, names, strict=True)
+        ]
         settings_path = args.output_dir / "inference.json"
     else:
         if not args.image_path.is_file():
@@ -121,13 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threshold = model.config.mc_threshold if args.threshold is None else args.threshold
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings_path.parent.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(
-        json.dumps(
-            {"settings": settings, "threshold_used": threshold, **loaded, "outputs": outputs},
-            indent=2,
-        )
-    )
+    record = {"settings": settings, "threshold_used": threshold, **loaded, "outputs": outputs}
+    write_atomic(settings_path, json.dumps(record, indent=2).encode())
     for row in outputs:
         print(f"{row['image']} -> {row['mesh']} ({row['faces']} faces, {row['seconds']} s)")
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from trimesh.visual.color import uv_to_color
 from tsr import TSR
 from tsr.bake import bake, bake_texture, extend_charts, rasterize_uv, sample_texture
 from tsr.export import save_mesh
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def linear_colour(points):
@@ -188,3 +193,17 @@ def test_triplane_queries_run_on_the_scene_codes_device(device, monkeypatch):
     textured = bake_texture(model, scene_code, sphere, resolution=32)
     assert seen and all(p == t == scene_code.device for p, t in seen)
     assert textured.visual.material.image.size == (32, 32)
+
+
+def test_inference_lora_bakes_textures(tmp_path):
+    """The course CLI's --bake-texture: a GLB with its texture, on the embedded tiny model."""
+    out = tmp_path / "sphere.glb"
+    done = subprocess.run(
+        [sys.executable, "inference_lora.py", "--image_path", "examples/sphere.png",
+         "--repo_root", "tiny", "--output", str(out), "--mc-resolution", "24",
+         "--threshold", "0.4", "--no-remove-bg", "--bake-texture", "--texture-resolution", "64"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = trimesh.load(out, force="mesh")
+    assert loaded.visual.material.baseColorTexture.size == (64, 64)
