@@ -15,7 +15,14 @@ from trimesh.visual import TextureVisuals
 from trimesh.visual.color import uv_to_color
 
 from tsr import TSR
-from tsr.bake import bake, bake_texture, extend_charts, rasterize_uv, sample_texture
+from tsr.bake import (
+    _place_left_out_faces,
+    bake,
+    bake_texture,
+    extend_charts,
+    rasterize_uv,
+    sample_texture,
+)
 from tsr.export import save_mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +121,19 @@ def test_seams_are_dilated_from_the_neighbouring_triangles():
     assert (weights >= 0).all() and torch.allclose(
         weights.sum(-1), torch.ones(len(weights)).double()
     )
+
+
+def test_faces_xatlas_left_out_take_a_uv_from_a_chart():
+    # Atlas output for input vertices 0..3: face 0 charted; face 1 (input vertices 2, 1, 3)
+    # left out at (0, 0); input vertex 3 is in no chart, vertex 2 is (atlas vertex 2).
+    vertex_map = np.array([0, 1, 2, 2, 1, 3])
+    faces = np.array([[0, 1, 2], [3, 4, 5]])
+    uv = np.array([[0.2, 0.2], [0.6, 0.2], [0.4, 0.5], [0, 0], [0, 0], [0, 0]], np.float32)
+    new_map, new_faces, new_uv = _place_left_out_faces(vertex_map, faces, uv)
+    np.testing.assert_array_equal(new_map[new_faces], vertex_map[faces])  # same geometry
+    np.testing.assert_array_equal(new_uv[new_faces[0]], uv[:3])  # charted face untouched
+    np.testing.assert_allclose(new_uv[new_faces[1]], [[0.4, 0.5]] * 3)  # input vertex 2's UV
+    assert len(new_map) == 6  # the three (0, 0) vertices replaced, none left unused
 
 
 def surface_samples(mesh: trimesh.Trimesh, count: int, seed: int = 0):

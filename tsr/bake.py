@@ -66,10 +66,43 @@ def uv_atlas(
     atlas = xatlas.Atlas()
     atlas.add_mesh(vertices.astype(np.float32), faces.astype(np.uint32))
     atlas.generate(charts, packing)
-    # xatlas picks the scale; its atlas may come out a little larger or smaller than asked, and
-    # its UVs, normalised to [0, 1], then map onto the texture as they are.
+    if atlas.atlas_count != 1:  # UVs of several atlases would overlap in one texture
+        raise RuntimeError(f"xatlas made {atlas.atlas_count} atlases for one texture")
+    # xatlas picks the scale, and its atlas often comes out larger than asked (1719² for 1024²
+    # on a 250k-face mesh): its UVs, normalised to [0, 1], map onto the texture as they are, and
+    # the padding between charts shrinks in proportion (4 -> 2.4 texels there).
     vertex_map, atlas_faces, uv = atlas.get_mesh(0)
-    return vertex_map.astype(np.int64), atlas_faces.astype(np.int64), uv
+    return _place_left_out_faces(vertex_map.astype(np.int64), atlas_faces.astype(np.int64), uv)
+
+
+def _place_left_out_faces(
+    vertex_map: np.ndarray, faces: np.ndarray, uv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give xatlas' left-out faces the UV of one of their vertices in a chart.
+
+    xatlas leaves faces below its area threshold out of every chart and puts their UVs at
+    (0, 0), inside whatever chart is packed there: 1.5% of a 250k-face marching-cubes mesh
+    (median area 400x below the mesh's), coloured from a far-away surface. Each such face gets
+    three new vertices at one UV point, that of the first of its corners that a chart holds:
+    the face is far smaller than a texel, so that point's colour is its colour. A face with no
+    corner in any chart stays at (0, 0).
+    """
+    left_out = (uv[faces] == 0).all(axis=(1, 2))  # (F,) packing padding keeps charts off (0, 0)
+    if not left_out.any():
+        return vertex_map, faces, uv
+    in_charts = np.unique(faces[~left_out])
+    charted = np.full((vertex_map.max() + 1, 2), np.nan, dtype=uv.dtype)  # input vertex -> UV
+    charted[vertex_map[in_charts]] = uv[in_charts]
+    corners = vertex_map[faces[left_out]]  # (L, 3) input vertices
+    options = charted[corners]  # (L, 3, 2)
+    first = np.argmax(~np.isnan(options[..., 0]), axis=1)  # (L,) 0 when none is charted
+    point = np.nan_to_num(options[np.arange(len(corners)), first])  # (L, 2)
+    faces = faces.copy()
+    faces[left_out] = len(vertex_map) + np.arange(corners.size).reshape(-1, 3)
+    vertex_map = np.concatenate([vertex_map, corners.ravel()])
+    uv = np.concatenate([uv, np.repeat(point, 3, axis=0)])
+    used, faces = np.unique(faces, return_inverse=True)  # drop vertices no face uses now
+    return vertex_map[used], faces.reshape(-1, 3), uv[used]
 
 
 def uv_to_pixel(uv: torch.Tensor, width: int, height: int) -> torch.Tensor:
