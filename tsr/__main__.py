@@ -79,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-remove-bg", action="store_true", help="the image is ready as is")
     parser.add_argument("--foreground-ratio", type=float, default=0.85)
-    parser.add_argument("--render", action="store_true", help="also save 30 turntable views")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="also save 30 turntable views (PNGs; run.py writes an mp4)",
+    )
     add_bake_arguments(parser)
     args = parser.parse_args(argv)
     check_bake_arguments(parser, args)

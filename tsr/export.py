@@ -49,10 +49,9 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
 def save_mesh(
     mesh: trimesh.Trimesh, path: str | os.PathLike, file_type: str | None = None
 ) -> list[Path]:
-    """A mesh, atomically, as file_type (obj, glb, ply, stl; default: the suffix's).
-    -> the files written
+    """Write a mesh atomically as file_type (obj, glb, ply, stl; default: the path's suffix).
 
-    GLB embeds a texture. A textured OBJ also writes `<stem>.mtl` and `<stem>.png` beside it,
+    Returns the files written. GLB embeds a texture. A textured OBJ also writes `<stem>.mtl` and `<stem>.png` beside it,
     named after the mesh so that meshes sharing a folder keep their own.
     """
     path = Path(path)
