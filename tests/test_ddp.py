@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def config_of(batch_size: int) -> TrainConfig:
-    """The run both ways: per process `batch_size` objects, one 32 x 32 patch = all of view 0."""
+    """The run both ways: per process `batch_size` objects, one 16 x 16 patch = all of view 0."""
     return TrainConfig(
-        max_steps=2, lr=1e-2, batch_size=batch_size, sampling="patches", patch_size=32,
-        rays_per_object=32 * 32, lambda_lpips=0.0, val_every=1, val_objects=1,
+        max_steps=2, lr=1e-2, batch_size=batch_size, sampling="patches", patch_size=16,
+        rays_per_object=16 * 16, lambda_lpips=0.0, val_every=1, val_objects=1,
         val_rays_per_view=64, checkpoint_every=1, progress=False,
     )  # fmt: skip
 
@@ -103,7 +103,7 @@ dist.destroy_process_group()
 
 def test_two_cpu_processes_end_with_the_same_adapter(tmp_path):
     root = tmp_path / "data"
-    prepare_dataset(root, families=("primitives",), n_objects=6, n_views=4, size=32, workers=1)
+    prepare_dataset(root, families=("primitives",), n_objects=6, n_views=4, size=16, workers=1)
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [
