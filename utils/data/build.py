@@ -198,20 +198,20 @@ def prepare_dataset(
 
     start = time.perf_counter()
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-    progress = tqdm(total=len(todo), desc=f"rendering {out.name}", unit="object")
-    if workers == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small tensors: threads cost more than they give (10x here)
-        try:
-            rows = _collect((_build(job, out, options) for job in todo), progress, start)
-        finally:
-            torch.set_num_threads(threads)
-    else:  # fork: workers inherit the imported modules instead of importing torch again
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            jobs_args = [(job, out, options) for job in todo]
-            rows = _collect(pool.imap_unordered(_build_star, jobs_args), progress, start)
-    progress.close()
+    # closed on any way out (an error included), so a message is not glued to the bar
+    with tqdm(total=len(todo), desc=f"rendering {out.name}", unit="object") as progress:
+        if workers == 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small tensors: threads cost more than they give (10x)
+            try:
+                rows = _collect((_build(job, out, options) for job in todo), progress, start)
+            finally:
+                torch.set_num_threads(threads)
+        else:  # fork: workers inherit the imported modules instead of importing torch again
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                jobs_args = [(job, out, options) for job in todo]
+                rows = _collect(pool.imap_unordered(_build_star, jobs_args), progress, start)
     views_done = sum(row.get("n_views", 0) for row in rows)
     seconds = time.perf_counter() - start
 

@@ -201,70 +201,78 @@ def fit(
     if rank == 0:
         resolved = _resolved_config(model, config, setup, len(train_dataset), world)
         start_run_folder(run_dir, resolved, step)
-    progress = tqdm(
+    # closed on any way out (an error included), so a message is not glued to the bar
+    with tqdm(
         total=setup.total_steps, initial=step, disable=not (rank == 0 and config.progress)
-    )
-    stopped_early = False
-    model.train()
-    if val_dataset is not None and step == 0:  # the starting point of the curves
-        _validation(model, val_dataset, config, 0, log, best, world)
-    while step < setup.total_steps:
-        started = time.perf_counter()
-        # ---- forward and backward over the micro-batches of this step
-        optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        for accumulation in range(config.grad_accum_steps):
-            micro_batch = step * config.grad_accum_steps + accumulation
-            items = _micro_batch(train_dataset, micro_batch, config, rank, world)
-            cond = torch.stack([item["cond_image"] for item in items]).to(setup.device)
-            with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16):
-                scene_codes = model.encode(cond)  # (B, 3, C, 2P, 2P)
-                losses = [
-                    _object_losses(model, code, item, config, setup, data_generator, lpips_network)
-                    for code, item in zip(scene_codes, items, strict=True)
-                ]
-            loss = torch.stack([terms["loss"] for terms in losses]).mean()
-            (loss / config.grad_accum_steps).backward()
-            _add_means(sums, losses, config.grad_accum_steps)
+    ) as progress:
+        stopped_early = False
+        model.train()
+        if val_dataset is not None and step == 0:  # the starting point of the curves
+            _validation(model, val_dataset, config, 0, log, best, world)
+        while step < setup.total_steps:
+            started = time.perf_counter()
+            # ---- forward and backward over the micro-batches of this step
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for accumulation in range(config.grad_accum_steps):
+                micro_batch = step * config.grad_accum_steps + accumulation
+                items = _micro_batch(train_dataset, micro_batch, config, rank, world)
+                cond = torch.stack([item["cond_image"] for item in items]).to(setup.device)
+                with torch.autocast(
+                    setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16
+                ):
+                    scene_codes = model.encode(cond)  # (B, 3, C, 2P, 2P)
+                    losses = [
+                        _object_losses(
+                            model, code, item, config, setup, data_generator, lpips_network
+                        )
+                        for code, item in zip(scene_codes, items, strict=True)
+                    ]
+                loss = torch.stack([terms["loss"] for terms in losses]).mean()
+                (loss / config.grad_accum_steps).backward()
+                _add_means(sums, losses, config.grad_accum_steps)
 
-        # ---- average gradients and logged losses over processes (DDP)
-        if world > 1:
-            sums = all_reduce_mean(setup.trainable, sums, world)
+            # ---- average gradients and logged losses over processes (DDP)
+            if world > 1:
+                sums = all_reduce_mean(setup.trainable, sums, world)
 
-        # ---- stop on a non-finite loss or gradient, before it reaches the weights
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.trainable, config.grad_clip))
-        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-            progress.close()
-            raise FloatingPointError(
-                f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: "
-                f"training stopped. The last good checkpoint is {checkpoints.last()}; resume "
-                "from it with a lower --lr, or check the data of this step"
+            # ---- stop on a non-finite loss or gradient, before it reaches the weights
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.trainable, config.grad_clip))
+            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: "
+                    f"training stopped. The last good checkpoint is {checkpoints.last()}; resume "
+                    "from it with a lower --lr, or check the data of this step"
+                )
+
+            # ---- optimiser and schedule
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{sums['loss']:.4f}")
+            seconds = time.perf_counter() - started
+            log(
+                {"step": step, "lr": lr, "grad_norm": grad_norm, "seconds": seconds, **sums},
+                "on_step",
             )
 
-        # ---- optimiser and schedule
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{sums['loss']:.4f}")
-        seconds = time.perf_counter() - started
-        log({"step": step, "lr": lr, "grad_norm": grad_norm, "seconds": seconds, **sums}, "on_step")
-
-        # ---- validation and mesh metrics (rank 0), checkpoint
-        last = step == setup.total_steps
-        if val_dataset is not None and (last or _every(step, config.val_every)):
-            stopped_early = _validation(model, val_dataset, config, step, log, best, world)
-            stopped_early, last = stopped_early and not last, last or stopped_early
-        if rank == 0 and mesh_metrics is not None and _every(step, config.mesh_every):
-            mesh_record = {f"val_{k}": v for k, v in mesh_metrics(model, val_dataset).items()}
-            log({"step": step, **mesh_record}, "on_validation")
-        if last or _every(step, config.checkpoint_every):
-            checkpoints.save(step, model, optimizer, scheduler, data_generator, config, best.state)
-        if stopped_early:
-            print(best.stopping_message(step)) if rank == 0 else None
-            break
-    progress.close()
+            # ---- validation and mesh metrics (rank 0), checkpoint
+            last = step == setup.total_steps
+            if val_dataset is not None and (last or _every(step, config.val_every)):
+                stopped_early = _validation(model, val_dataset, config, step, log, best, world)
+                stopped_early, last = stopped_early and not last, last or stopped_early
+            if rank == 0 and mesh_metrics is not None and _every(step, config.mesh_every):
+                mesh_record = {f"val_{k}": v for k, v in mesh_metrics(model, val_dataset).items()}
+                log({"step": step, **mesh_record}, "on_validation")
+            if last or _every(step, config.checkpoint_every):
+                checkpoints.save(
+                    step, model, optimizer, scheduler, data_generator, config, best.state
+                )
+            if stopped_early:
+                print(best.stopping_message(step)) if rank == 0 else None
+                break
     if config.restore_best:  # the artefact holds the best validation's weights, not the last
         best.restore(model, step)
 
