@@ -214,6 +214,11 @@ def test_lora_settings_compared_from_one_start(tmp_path, smoke_data):
     # LoRA is a no-op at step 0 (B = 0): every variant starts from the base model's numbers.
     assert rows[0]["val_loss at 0"] == rows[1]["val_loss at 0"]
     assert rows[0]["val_psnr at 0"] == rows[1]["val_psnr at 0"]
+    for row in rows:  # the changes, by hand
+        assert row["PSNR gain (dB)"] == pytest.approx(row["val_psnr"] - row["val_psnr at 0"])
+        assert row["val_loss change %"] == pytest.approx(
+            100 * (row["val_loss"] - row["val_loss at 0"]) / row["val_loss at 0"]
+        )
     # Trainable parameters, by hand: r (d_in + d_out) per wrapped layer.
     model = TSR.from_config("tiny", seed=0)
     layers = {
