@@ -176,23 +176,26 @@ def test_previews_keep_the_first_validation_and_amplify_the_change_since_it(tiny
 
     model = TSR.from_config("tiny", seed=0)
     val = MultiViewDataset(smoke_data, "val", 2, cond_size=model.config.cond_image_size)
-    preview = previews.PreviewCallback(model, val, size=16, max_rows=3)
-    for step in (0, 50, 100, 150):
+    preview = previews.PreviewCallback(model, val, size=16, max_rows=4)
+    shown = []
+    for step in (0, 50, 100, 150, 200):
         preview.on_validation(step, {"val_loss": 1.0})
+        shown.append([step for step, _ in preview.shown()])
         with torch.no_grad():  # a different model at every validation
             model.decoder.layers[-1].bias.add_(0.05 * (step + 50) / 50)
-    assert [step for step, _ in preview.shown()] == [0, 100, 150]  # step 0 is never dropped
+    # Every validation while they fit, then step 0 and the latest: step 0 is never dropped.
+    assert shown == [[0], [0, 50], [0, 50, 100], [0, 50, 100, 150], [0, 100, 150, 200]]
     figure = preview.figure()
-    axes = np.array(figure.axes).reshape(3, 4)
-    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["step 0", "step 100", "step 150"]
+    axes = np.array(figure.axes).reshape(4, 4)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["step 0", "step 100", "step 150", "step 200"]
     assert len(axes[0, 3].images) == 0  # no change to show for the first row
-    first, last = preview.shown()[0][1], preview.shown()[-1][1]
-    change = np.abs(last - first).mean(axis=-1)  # the hand computation, per pixel
-    gain = 1.0 / max(change.max(), np.abs(preview.shown()[1][1] - first).mean(-1).max())
-    shown = np.asarray(axes[2, 3].images[0].get_array())
-    np.testing.assert_allclose(shown, 1.0 - np.clip(change * gain, 0, 1), atol=1e-6)
+    first = preview.shown()[0][1]
+    changes = [np.abs(p - first).mean(axis=-1) for _, p in preview.shown()[1:]]  # by hand
+    gain = 1.0 / max(change.max() for change in changes)
+    drawn = np.asarray(axes[3, 3].images[0].get_array())
+    np.testing.assert_allclose(drawn, 1.0 - np.clip(changes[-1] * gain, 0, 1), atol=1e-6)
     assert axes[0, 3].get_title() == f"change since step 0 (x{gain:.0f})"
-    assert axes[2, 3].images[0].get_clim() == (0.0, 1.0)  # grey levels are not stretched
+    assert axes[3, 3].images[0].get_clim() == (0.0, 1.0)  # grey levels are not stretched
 
 
 def test_lora_settings_compared_from_one_start(tmp_path, smoke_data):
@@ -211,6 +214,11 @@ def test_lora_settings_compared_from_one_start(tmp_path, smoke_data):
     # LoRA is a no-op at step 0 (B = 0): every variant starts from the base model's numbers.
     assert rows[0]["val_loss at 0"] == rows[1]["val_loss at 0"]
     assert rows[0]["val_psnr at 0"] == rows[1]["val_psnr at 0"]
+    for row in rows:  # the changes, by hand
+        assert row["PSNR gain (dB)"] == pytest.approx(row["val_psnr"] - row["val_psnr at 0"])
+        assert row["val_loss change %"] == pytest.approx(
+            100 * (row["val_loss"] - row["val_loss at 0"]) / row["val_loss at 0"]
+        )
     # Trainable parameters, by hand: r (d_in + d_out) per wrapped layer.
     model = TSR.from_config("tiny", seed=0)
     layers = {

@@ -156,8 +156,8 @@ def compare_lora_settings(
 ) -> list[dict]:
     """One short LoRA run per variant (keyword arguments of `lora.add_lora`: r, alpha,
     targets), each from the same base weights with the same data, steps, seed and validation
-    objects. -> a record per variant: its settings, trainable parameters, validation loss and
-    PSNR at step 0 and at the end, seconds. `config` (a TrainConfig) sets the run; it validates
+    objects. -> a record per variant: its trainable parameters, validation loss and PSNR at
+    step 0 and at the end and their changes, seconds. `config` (a TrainConfig) sets the run; it validates
     at the start and the end only, with no early stopping, so every variant runs as long."""
     import dataclasses
 
@@ -175,6 +175,9 @@ def compare_lora_settings(
         rows.append({
             "variant": name, "trainable": trainable, "steps": last["step"],
             "val_loss at 0": first["val_loss"], "val_loss": last["val_loss"],
-            "val_psnr at 0": first["val_psnr"], "val_psnr": last["val_psnr"], "seconds": seconds,
+            "val_psnr at 0": first["val_psnr"], "val_psnr": last["val_psnr"],
+            # the differences themselves: 3 significant digits of the values would hide them
+            "val_loss change %": 100 * (last["val_loss"] / first["val_loss"] - 1),
+            "PSNR gain (dB)": last["val_psnr"] - first["val_psnr"], "seconds": seconds,
         })  # fmt: skip
     return rows

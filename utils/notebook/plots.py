@@ -254,6 +254,7 @@ def paired_scatter(
         ax.plot([low - pad, high + pad], [low - pad, high + pad], color="0.4", lw=0.8, ls="--")
         ax.set(xlim=(low - pad, high + pad), ylim=(low - pad, high + pad), aspect="equal")
         ax.set(xlabel=f"{base}", ylabel=f"{other}")
+        ax.locator_params(nbins=4)  # a narrow range's long tick labels would overlap
         side = "above" if better == "higher" else "below"
         ax.set_title(f"{label} ({better} is better: {side} the line)\n"
                      f"{other} better on {int((gain > 0).sum())}, worse on {int((gain < 0).sum())}"

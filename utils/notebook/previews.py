@@ -106,7 +106,11 @@ class PreviewCallback:
     def shown(self) -> list[tuple[int, np.ndarray]]:
         """The rows drawn: the first validation and the last `max_rows - 1`."""
         first, later = self.predictions[:1], self.predictions[1:]
-        return first + later[len(later) - (self.max_rows - 1) :] if self.max_rows > 1 else first
+        return (
+            first + later[max(len(later) - (self.max_rows - 1), 0) :]
+            if self.max_rows > 1
+            else first
+        )
 
     def figure(self):
         shown = self.shown()
