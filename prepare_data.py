@@ -10,7 +10,8 @@ Input files: .glb/.gltf (materials, textures, vertex colours; y-up by specificat
 colour (CAD exports) are painted --untextured-colour.
 
 A rerun skips finished objects; --force rebuilds them. Files that are not usable meshes are
-named and skipped; the summary at the end lists them.
+named and skipped; the summary at the end lists them, and the objects whose occupancy points
+were withheld because their surface has no clear inside.
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in summary["skipped"]:
         print(f"skipped {row['file']}: {row['reason']}")
+    occupancy = summary["occupancy_labels"]
+    if any(occupancy["counts"].values()):
+        counts = ", ".join(f"{n} {method}" for method, n in occupancy["counts"].items() if n)
+        print(f"occupancy labels (objects): {counts}")
+    for row in occupancy["withheld"]:
+        print(f"no occupancy points for {row['object_id']}: {row['reason']}")
     return 0
 
 

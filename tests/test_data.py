@@ -334,9 +334,10 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
 
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
     grey = np.array([0.7, 0.7, 0.7])
-    samples = occupancy_samples(
+    samples, labels = occupancy_samples(
         sphere, 2000, np.random.default_rng(0), Shader(sphere, untextured=grey)
     )
+    assert labels == {"method": "ray parity", "ambiguous_share": 0.0}  # watertight: exact
     points = samples["points"].astype(np.float32)
     assert points.shape == (2000, 3) and np.abs(points).max() <= 0.87
     distance = np.linalg.norm(points, axis=1)

@@ -1,7 +1,8 @@
-"""Textured and multi-material meshes in, faithful dataset views out.
+"""Textured and multi-material meshes in, faithful dataset views out; sides of open meshes.
 
 Every mesh file here is written by the test: a UV-mapped cube with a checkerboard PNG (as GLB
-and as OBJ + MTL), a glTF mesh with a textured and an untextured primitive. Views are checked against a reference renderer written here from the
+and as OBJ + MTL), a glTF mesh with a textured and an untextured primitive, open and
+inverted boxes. Views are checked against a reference renderer written here from the
 documented camera convention, with its own ray-triangle test and texture lookup.
 """
 
@@ -18,10 +19,11 @@ from PIL import Image
 
 from tsr.cameras import orbit_cameras
 from utils.data.build import prepare_dataset
-from utils.data.dataset import read_object
+from utils.data.dataset import MultiViewDataset, read_object
 from utils.data.materials import UNCOLOURED, UNTEXTURED_COLOUR, sample_texture
 from utils.data.meshes import read_mesh
-from utils.data.prepare_object import prepare_object
+from utils.data.occupancy_labels import odd_ray_share
+from utils.data.prepare_object import occupancy_samples, prepare_object
 from utils.data.render_views import AMBIENT, LIGHTS, render_views
 
 REPO = Path(__file__).resolve().parents[1]
@@ -442,3 +444,110 @@ def test_untextured_flag_colour_palette_and_bad_values(tmp_path):
     for bad in ("red", "1.5,0,0", "0.1,0.2"):
         result = run("--out", str(tmp_path / "bad"), "--untextured-colour", bad)
         assert result.returncode == 2 and "--untextured-colour" in result.stderr, result.stderr
+
+
+# ---- sides of open and inverted meshes -----------------------------------------------------
+
+
+def open_box(inverted: bool = False) -> trimesh.Trimesh:
+    """The unit cube without its top face; its true inside is the cube."""
+    box = trimesh.creation.box()
+    faces = box.faces[box.face_normals[:, 2] < 0.5]
+    return trimesh.Trimesh(box.vertices, faces[:, ::-1] if inverted else faces)
+
+
+def exact_winding_number(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    """Sum of signed solid angles (van Oosterom & Strackee) / 4 pi, brute force."""
+    d = mesh.triangles[None] - points[:, None, None]  # (N, F, 3, 3)
+    length = np.linalg.norm(d, axis=-1)
+    a, b, c = d[..., 0, :], d[..., 1, :], d[..., 2, :]
+    la, lb, lc = length[..., 0], length[..., 1], length[..., 2]
+    numerator = np.einsum("nfc,nfc->nf", a, np.cross(b, c))
+    denominator = la * lb * lc + np.einsum("nfc,nfc->nf", a, b) * lc
+    denominator += np.einsum("nfc,nfc->nf", b, c) * la + np.einsum("nfc,nfc->nf", c, a) * lb
+    return np.arctan2(numerator, denominator).sum(axis=1) / (2 * np.pi)
+
+
+def near_label_agreement(mesh, truth) -> tuple[float, dict]:
+    samples, labels = occupancy_samples(mesh, 2000, np.random.default_rng(0))
+    points = samples["points"][:1000].astype(np.float64)  # the near-surface half
+    return float(np.mean(samples["inside"][:1000] == truth(points))), labels
+
+
+def in_cube(points):
+    return (np.abs(points) < 0.5).all(axis=1)
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_open_box_labels_follow_the_true_side(inverted):
+    agreement, labels = near_label_agreement(open_box(inverted), in_cube)
+    assert labels["method"] == "ray votes" and labels["ambiguous_share"] < 0.1
+    assert agreement >= 0.97, agreement
+    # contains() (one ray's parity) on the same points is far worse: the bug this replaces
+    samples, _ = occupancy_samples(open_box(inverted), 2000, np.random.default_rng(0))
+    points = samples["points"][:1000].astype(np.float64)
+    assert np.mean(open_box(inverted).contains(points) == in_cube(points)) < agreement - 0.05
+
+
+def test_inverted_closed_box_labels_are_exact():
+    box = trimesh.creation.box()
+    agreement, labels = near_label_agreement(
+        trimesh.Trimesh(box.vertices, box.faces[:, ::-1]), in_cube
+    )
+    assert labels["method"] == "ray parity" and agreement == 1.0
+
+
+def test_odd_ray_share_estimates_the_winding_number():
+    mesh = open_box()
+    points = np.random.default_rng(1).uniform(-0.7, 0.7, (400, 3))
+    share = odd_ray_share(mesh, points, np.random.default_rng(2), n_rays=128)
+    exact = np.abs(exact_winding_number(mesh, points))
+    assert np.abs(share - exact).mean() < 0.04  # 128 rays: standard error <= 0.044
+    assert np.mean((share > 0.5) == (exact > 0.5)) > 0.97
+
+
+def test_sheet_gets_no_occupancy_points_and_the_summary_says_so(tmp_path):
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    sheet = trimesh.Trimesh(
+        [[0, 0, 0], [1, 0, 0.1], [1, 1, 0], [0, 1, 0.1]], [[0, 1, 2], [0, 2, 3]]
+    )
+    sheet.export(meshes / "sheet.stl")
+    open_box().export(meshes / "open_box.stl")
+    trimesh.creation.box().export(meshes / "closed_box.stl")
+    out = tmp_path / "set"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "prepare_data.py"),
+            "--out",
+            str(out),
+            "--input-folder",
+            str(meshes),
+            "--views",
+            "2",
+            "--size",
+            "32",
+            "--occupancy-points",
+            "400",
+            "--workers",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 ray parity, 1 ray votes, 1 withheld" in result.stdout
+    assert "no occupancy points for sheet: open surface without a clear inside" in result.stdout
+    summary = json.loads((out / "dataset.json").read_text())["occupancy_labels"]
+    assert summary["counts"] == {"ray parity": 1, "ray votes": 1, "withheld": 1}
+    assert [row["object_id"] for row in summary["withheld"]] == ["sheet"]
+    assert not (out / "sheet" / "occupancy.npz").exists()
+    assert (out / "open_box" / "occupancy.npz").exists()
+    meta = json.loads((out / "sheet" / "meta.json").read_text())
+    assert meta["occupancy_labels"]["method"] == "withheld"
+    dataset = MultiViewDataset(out, "all", cond_size=32)
+    items = {item["object_id"]: item for item in (dataset[i] for i in range(len(dataset)))}
+    assert "occupancy_points" not in items["sheet"] and "occupancy_points" in items["open_box"]

@@ -5,7 +5,8 @@ recursively). Each object goes through `prepare_object` (atomic, skipped when al
 then two small files describe the set:
 
     data/<set>/split.json     seeded train/val/test object ids, stratified by family
-    data/<set>/dataset.json   settings, object ids, skipped files and why
+    data/<set>/dataset.json   settings, object ids, skipped files and why, how occupancy
+                              points were labelled (objects without trustworthy ones listed)
 """
 
 from __future__ import annotations
@@ -132,9 +133,9 @@ def prepare_dataset(
     workers: int | None = None,
     untextured: str | tuple = UNTEXTURED_COLOUR,
 ) -> dict:
-    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing.
-    `input_up`: files other than glTF (y-up by specification); `untextured`: colour of faces
-    without one, or "palette" (prepare_object)."""
+    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing, how
+    occupancy points were labelled. `input_up`: files other than glTF (y-up by
+    specification); `untextured`: colour of faces without one, or "palette" (prepare_object)."""
     out = Path(out)
     jobs = folder_jobs(input_folder) if input_folder else procedural_jobs(list(families), n_objects)
     options = {
@@ -200,19 +201,36 @@ def prepare_dataset(
     family_of = {job.object_id: job.family for job in jobs if job.object_id in metas}
     split = make_split(family_of, seed)
     _write_atomic(out / "split.json", {"seed": seed, **split})
+    occupancy = occupancy_summary(metas)
     _write_atomic(
         out / "dataset.json",
         {
             "settings": next(iter(metas.values()))["settings"], "seed": seed,
             "source": str(Path(input_folder).name) if input_folder else ",".join(families),
-            "objects": sorted(metas), "skipped": skipped,
+            "objects": sorted(metas), "skipped": skipped, "occupancy_labels": occupancy,
         },
     )  # fmt: skip
     return {
         "out": str(out), "n_objects": len(metas), "built": len(rows) - len(skipped),
         "already_built": len(existing), "skipped": skipped, "views_rendered": views_done,
         "seconds": seconds, "views_per_second": views_done / seconds if seconds > 0 else 0.0,
+        "occupancy_labels": occupancy,
     }  # fmt: skip
+
+
+def occupancy_summary(metas: dict[str, dict]) -> dict:
+    """Objects per way of labelling occupancy points, and those left without points and why.
+    -> {"counts": {"ray parity": n, "ray votes": n, "withheld": n}, "withheld": [{id, reason}]}"""
+    labels = {i: m["occupancy_labels"] for i, m in sorted(metas.items()) if "occupancy_labels" in m}
+    counts = {method: 0 for method in ("ray parity", "ray votes", "withheld")}
+    for record in labels.values():
+        counts[record["method"]] += 1
+    withheld = [
+        {"object_id": i, "reason": r["reason"]}
+        for i, r in labels.items()
+        if r["method"] == "withheld"
+    ]
+    return {"counts": counts, "withheld": withheld}
 
 
 def _build_star(arguments: tuple) -> dict:

@@ -5,6 +5,8 @@
                            cameras.json    fovy, per view a 4x4 camera-to-world (TripoSR world)
                            mesh.glb        the normalised ground truth (z-up coordinates)
                            meta.json       source, seed, scale, offset, settings
+                           occupancy.npz   labelled 3D points (--occupancy-points; not for
+                                           surfaces without a clear inside: meta.json says why)
 
 View 0 is TripoSR's canonical conditioning camera (`orbit_cameras(1, 0, 1.9)`, fovy 40) and the
 object is scaled (and shifted across the view axis) so that view 0 already looks like what
@@ -40,6 +42,7 @@ from tsr.renderer import ray_cube_radius
 from utils.data.dataset import DEPTH_BACKGROUND
 from utils.data.materials import UNTEXTURED_COLOUR, Appearance, appearance_of, palette_colour
 from utils.data.meshes import CONVENTION
+from utils.data.occupancy_labels import label_sides
 from utils.data.render_views import Shader, render_views
 
 # objects stay inside the cube the volume renderer cuts rays to
@@ -212,7 +215,7 @@ def prepare_object(
 
     occupancy = None
     if occupancy_points > 0:
-        occupancy = occupancy_samples(
+        occupancy, meta["occupancy_labels"] = occupancy_samples(
             mesh, occupancy_points, object_rng(seed + 1, out_dir.name), Shader(mesh, **shader_look)
         )
     if mesh.visual.kind is None:  # no colours of its own: mesh.glb keeps the rendered ones
@@ -225,15 +228,16 @@ def prepare_object(
 
 def occupancy_samples(
     mesh: trimesh.Trimesh, n_points: int, rng: np.random.Generator, shader: Shader | None = None
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray] | None, dict]:
     """Points with inside/outside labels: half within ~0.02 of the surface (where the
     marching-cubes level set must fall), a quarter within ~0.08, a quarter anywhere in the cube.
     Each also gets its signed distance to the surface and the colour the renderer shows at the
     nearest surface point (shaded, as seen from outside): a label for every point, not only a
     side, and colour supervision in 3D, where rays would mostly see background.
 
-    -> points (N, 3) float16, inside (N,) bool, sdf (N,) float16 (negative inside),
-       colour (N, 3) uint8
+    -> (samples, labels). samples: points (N, 3) float16, inside (N,) bool, sdf (N,) float16
+       (negative inside), colour (N, 3) uint8; None where the sides cannot be trusted (an open
+       surface without a clear inside). labels: how sides were decided, `label_sides`' record.
     """
     n_near, n_wide = n_points // 2, n_points // 4
     n_uniform = n_points - n_near - n_wide
@@ -244,7 +248,9 @@ def occupancy_samples(
     uniform = rng.uniform(-CUBE_RADIUS, CUBE_RADIUS, size=(n_uniform, 3))
     points = np.clip(np.concatenate([surface + noise, uniform]), -CUBE_RADIUS, CUBE_RADIUS)
     points = points.astype(np.float16).astype(np.float64)  # label the points as stored
-    inside = mesh.contains(points)
+    inside, labels = label_sides(mesh, points, n_near, rng)
+    if inside is None:
+        return None, labels
 
     # Nearest of dense surface samples rather than trimesh's exact closest_point (0.3 s for a
     # 5k-face mesh): within 0.002 of exact on average near the surface, 0.01 at the 99th
@@ -254,12 +260,13 @@ def occupancy_samples(
     faces = dense_faces[nearest]
     shader = Shader(mesh) if shader is None else shader
     colour = shader.shade(faces, dense[nearest], -mesh.face_normals[faces])
-    return {
+    samples = {
         "points": points.astype(np.float16),
         "inside": inside,
         "sdf": np.where(inside, -distance, distance).astype(np.float16),
         "colour": np.round(colour * 255).astype(np.uint8),
     }
+    return samples, labels
 
 
 def _write_object_atomically(
