@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.data.materials import UNTEXTURED_COLOUR
-from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, read_mesh
+from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, input_up_axis, read_mesh
 from utils.data.prepare_object import prepare_object
 from utils.data.shapes import FAMILIES, make_shape
 
@@ -104,7 +104,7 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
     """Worker: make or load one mesh and prepare it. -> a status row"""
     try:
         if job.path:
-            mesh, appearance = read_mesh(job.path, up=options["input_up"])
+            mesh, appearance = read_mesh(job.path, input_up_axis(job.path, options["input_up"]))
         else:
             mesh, appearance = make_shape(job.family, job.index, options["seed"]), None
     except MeshLoadError as error:
