@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from utils.data.materials import UNTEXTURED_COLOUR
+from utils.data.materials import UNTEXTURED_COLOUR, untextured_setting
 from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, input_up_axis, read_mesh
 from utils.data.prepare_object import prepare_object
 from utils.data.shapes import FAMILIES, make_shape
@@ -152,7 +152,7 @@ def prepare_dataset(
         "size": size,
         "axis_views": axis_views,
         "occupancy_points": occupancy_points,
-        "untextured": untextured if untextured == "palette" else [float(c) for c in untextured],
+        "untextured": untextured_setting(untextured),
     }
     existing, mismatched = {}, []
     for job in jobs:
