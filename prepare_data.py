@@ -21,22 +21,17 @@ import sys
 
 from tsr.errors import ArgumentParser, flag_check, non_negative_int, positive_int, run_cli
 from utils.data.build import MIN_SIZE, MIN_VIEWS, prepare_dataset
-from utils.data.materials import UNTEXTURED_COLOUR
+from utils.data.materials import UNTEXTURED_COLOUR, untextured_setting
 
 
-def untextured_colour(text: str) -> str | tuple[float, ...]:
+def parse_untextured(text: str) -> str | list[float]:
     """--untextured-colour: "palette" or "R,G,B" with each in [0, 1]."""
-    if text == "palette":
-        return text
     try:
-        colour = tuple(float(c) for c in text.split(","))
-    except ValueError:
-        colour = ()
-    if len(colour) != 3 or not all(0.0 <= c <= 1.0 for c in colour):
+        return untextured_setting(text if text == "palette" else text.split(","))
+    except ValueError as error:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give three numbers in [0, 1] as R,G,B (e.g. 0.9,0.55,0.2) or 'palette'"
-        )
-    return colour
+            f"{text!r}: give R,G,B in [0, 1] (e.g. 0.9,0.55,0.2) or 'palette' ({error})"
+        ) from error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--untextured-colour",
-        type=untextured_colour,
+        type=parse_untextured,
         default=UNTEXTURED_COLOUR,
         help="sRGB colour of surfaces the file gives none (STL, bare OBJ), as R,G,B in [0, 1], "
         "or 'palette': a seeded saturated colour per object. Default %(default)s, a clay "

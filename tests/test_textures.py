@@ -21,7 +21,7 @@ from tsr.cameras import orbit_cameras
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset, read_object
 from utils.data.materials import UNCOLOURED, UNTEXTURED_COLOUR, sample_texture
-from utils.data.meshes import read_mesh
+from utils.data.meshes import load_mesh, read_mesh
 from utils.data.occupancy_labels import odd_ray_share
 from utils.data.prepare_object import occupancy_samples, prepare_object
 from utils.data.render_views import AMBIENT, LIGHTS, render_views
@@ -283,7 +283,10 @@ def test_glb_and_obj_of_one_cube_render_alike(tmp_path):
     c2w = orbit_cameras(3, elevation_deg=25.0, camera_distance=1.9)
     glb, obj = (
         render_views(mesh, c2w, 40.0, 64, appearance=appearance)
-        for mesh, appearance in (read_mesh(tmp_path / "cube.glb"), read_mesh(tmp_path / "cube.obj"))
+        for mesh, appearance in (
+            read_mesh(tmp_path / "cube.glb", "y"),
+            read_mesh(tmp_path / "cube.obj"),
+        )
     )
     np.testing.assert_array_equal(glb["depth"] > 0, obj["depth"] > 0)
     difference = np.abs(glb["rgba"].astype(int) - obj["rgba"].astype(int))
@@ -299,6 +302,11 @@ def test_bilinear_lookup_in_linear_light_with_wrap_modes():
         [[0, 0, 0], [1, 1, 1], [1, 0, 0], [0, 0, 1]],
         atol=1e-12,
     )
+    # texels are decoded from sRGB: 128 is 0.2159 of the light, by the sRGB formula
+    grey = sample_texture(
+        np.full((1, 1, 3), 128, np.uint8), np.array([[0.3, 0.6]]), ("repeat",) * 2
+    )
+    np.testing.assert_allclose(grey, ((128 / 255 + 0.055) / 1.055) ** 2.4, atol=1e-12)
     # halfway between black and white: half the light, which sRGB shows as 0.735, not 0.5
     half = sample_texture(texture, np.array([[0.5, 0.75]]), ("clamp", "clamp"))
     np.testing.assert_allclose(half, 0.5, atol=1e-12)
@@ -361,18 +369,24 @@ def test_two_primitives_keep_their_own_materials(tmp_path, second):
     assert all(share > 0.08 for share in shares.values()), shares
 
 
-def test_gltf_is_y_up_whatever_the_flag_other_formats_follow_it(tmp_path):
+def test_gltf_inputs_are_y_up_whatever_the_flag_other_formats_follow_it(tmp_path):
     tall = trimesh.creation.box(extents=(0.2, 1.0, 0.3))  # tall along y
-    write_glb(
-        tmp_path / "tall.glb", [{"positions": tall.vertices, "indices": tall.faces}], [], None
-    )
-    tall.export(tmp_path / "tall.stl")
-    for up in ("z", "y"):
-        extents = np.ptp(read_mesh(tmp_path / "tall.glb", up=up)[0].vertices, axis=0)
-        np.testing.assert_allclose(extents, (0.3, 0.2, 1.0), atol=1e-6)
-    np.testing.assert_allclose(
-        np.ptp(read_mesh(tmp_path / "tall.stl")[0].vertices, axis=0), (0.2, 1.0, 0.3), atol=1e-6
-    )
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    write_glb(meshes / "tall.glb", [{"positions": tall.vertices, "indices": tall.faces}], [], None)
+    tall.export(meshes / "tall.stl")
+    for flag, stl_extents in (("z", (0.2, 1.0, 0.3)), ("y", (0.3, 0.2, 1.0))):
+        out = tmp_path / f"set_{flag}"
+        prepare_dataset(out, input_folder=meshes, input_up=flag, n_views=1, size=32, workers=1)
+        extents = {
+            name: np.ptp(json.loads((out / name / "meta.json").read_text())["bounds"], axis=0)
+            for name in ("tall", "tall_stl")
+        }
+        np.testing.assert_allclose(extents["tall"] / extents["tall"].max(), (0.3, 0.2, 1.0))
+        np.testing.assert_allclose(extents["tall_stl"] / extents["tall_stl"].max(), stl_extents)
+    # our own mesh.glb files hold z-up coordinates: evaluation reads them as stored
+    stored = trimesh.load(out / "tall" / "mesh.glb", force="mesh").vertices
+    np.testing.assert_allclose(load_mesh(out / "tall" / "mesh.glb").vertices, stored)
 
 
 def test_a_mirroring_node_keeps_faces_outward(tmp_path):

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from tsr.errors import UserInputError
 from tsr.files import write_text
-from utils.data.materials import UNTEXTURED_COLOUR
-from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, geometry_problem, read_mesh
+from utils.data.materials import UNTEXTURED_COLOUR, untextured_setting
+from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, geometry_problem, input_up_axis, read_mesh
 from utils.data.prepare_object import prepare_object
 from utils.data.shapes import FAMILIES, make_shape
 
@@ -112,7 +112,7 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
     """Worker: make or load one mesh and prepare it. -> a status row"""
     try:
         if job.path:
-            mesh, appearance = read_mesh(job.path, up=options["input_up"])
+            mesh, appearance = read_mesh(job.path, input_up_axis(job.path, options["input_up"]))
         else:
             mesh, appearance = make_shape(job.family, job.index, options["seed"]), None
             if problem := geometry_problem(mesh):
@@ -172,7 +172,7 @@ def prepare_dataset(
         "size": size,
         "axis_views": axis_views,
         "occupancy_points": occupancy_points,
-        "untextured": untextured if untextured == "palette" else [float(c) for c in untextured],
+        "untextured": untextured_setting(untextured),
     }
     existing, mismatched = {}, []
     for job in jobs:

@@ -50,10 +50,25 @@ def linear_to_srgb(value: np.ndarray) -> np.ndarray:
 SRGB8_TO_LINEAR = srgb_to_linear(np.arange(256) / 255.0)  # (256,) texel decoding table
 
 
-def palette_colour(rng: np.random.Generator) -> np.ndarray:
-    """A seeded saturated colour (any hue, saturation 0.7, value 0.9) for an untextured object,
-    so a CAD set need not be one colour. -> (3,) sRGB"""
-    return np.array(colorsys.hsv_to_rgb(rng.uniform(), 0.7, 0.9))
+def untextured_setting(untextured: str | tuple | np.ndarray) -> str | list[float]:
+    """The untextured choice as settings record it: "palette" or [r, g, b] in [0, 1]."""
+    if isinstance(untextured, str):
+        if untextured != "palette":
+            raise ValueError(f"untextured must be 'palette' or an sRGB colour, got {untextured!r}")
+        return untextured
+    colour = [float(c) for c in untextured]
+    if len(colour) != 3 or not all(0.0 <= c <= 1.0 for c in colour):
+        raise ValueError(f"untextured colour must be three values in [0, 1], got {colour}")
+    return colour
+
+
+def untextured_colour(setting: str | list[float], rng: np.random.Generator) -> np.ndarray:
+    """One object's untextured colour: the setting's, or for "palette" a seeded saturated
+    colour (any hue, saturation 0.7, value 0.9), so a CAD set need not be one colour.
+    -> (3,) sRGB"""
+    if setting == "palette":
+        return np.array(colorsys.hsv_to_rgb(rng.uniform(), 0.7, 0.9))
+    return np.asarray(setting, dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import trimesh
 from utils.data.materials import UNTEXTURED_COLOUR, Appearance, appearance_of, concatenate
 
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".stl")
-GLTF_SUFFIXES = (".glb", ".gltf")  # y up by specification, whatever the caller says
+GLTF_SUFFIXES = (".glb", ".gltf")
 
 
 # y-up files (glTF's convention, pyrender's scenes) -> our z-up world: y becomes z, and the
@@ -53,6 +53,13 @@ def geometry_problem(mesh: trimesh.Trimesh) -> str | None:
     return None
 
 
+def input_up_axis(path: str | Path, flag: str) -> str:
+    """The up axis of an input mesh file: y for glTF, whose specification says so, else `flag`
+    (OBJ, PLY and STL do not say). The mesh.glb files prepare_object writes hold z-up
+    coordinates: they are read with up="z" (load_mesh's default)."""
+    return "y" if Path(path).suffix.lower() in GLTF_SUFFIXES else flag
+
+
 def load_mesh(path: str | Path, up: str = "z") -> trimesh.Trimesh:
     """Read a mesh file as one triangle mesh in our z-up world, coloured per vertex (a preview
     of its materials: what viewers and evaluation need). See `read_mesh`."""
@@ -70,8 +77,7 @@ def read_mesh(path: str | Path, up: str = "z") -> tuple[trimesh.Trimesh, Appeara
 
     A scene is flattened node by node with each primitive's material kept per face: joining
     the primitives' visuals instead would drop every material when one primitive has none.
-    `up` is the up axis of formats that do not say (OBJ, PLY, STL); glTF is y-up by
-    specification and is always read as such.
+    `up`: the file's up axis, "z" or "y" (for input files: `input_up_axis`).
     """
     path = Path(path)
     if up not in ("z", "y"):
@@ -92,7 +98,7 @@ def read_mesh(path: str | Path, up: str = "z") -> tuple[trimesh.Trimesh, Appeara
         raise MeshLoadError(f"{path}: holds no triangle mesh (empty, points or lines only)")
     if problem := geometry_problem(mesh):
         raise MeshLoadError(f"{path}: {problem}")
-    if up == "y" or gltf:
+    if up == "y":
         rotation = np.eye(4)
         rotation[:3, :3] = Y_UP_TO_Z_UP
         mesh.apply_transform(rotation)

@@ -39,7 +39,13 @@ from tsr.config import RendererConfig
 from tsr.files import atomic_folder
 from tsr.renderer import ray_cube_radius
 from utils.data.dataset import DEPTH_BACKGROUND
-from utils.data.materials import UNTEXTURED_COLOUR, Appearance, appearance_of, palette_colour
+from utils.data.materials import (
+    UNTEXTURED_COLOUR,
+    Appearance,
+    appearance_of,
+    untextured_colour,
+    untextured_setting,
+)
 from utils.data.meshes import CONVENTION
 from utils.data.occupancy_labels import label_sides
 from utils.data.render_views import Shader, render_views
@@ -165,13 +171,10 @@ def prepare_object(
         "distance": CAMERA_DISTANCE, "foreground_ratio": FOREGROUND_RATIO, "axis_views": axis_views,
         "elevation_range": list(elevation_range), "antialias": antialias,
         "occupancy_points": occupancy_points,
-        "untextured": untextured if untextured == "palette" else [float(c) for c in untextured],
+        "untextured": untextured_setting(untextured),
     }  # fmt: skip
-    colour = (
-        palette_colour(object_rng(seed + 2, out_dir.name))
-        if untextured == "palette"
-        else np.asarray(untextured, dtype=np.float64)
-    )
+    colour = untextured_colour(settings["untextured"], object_rng(seed + 2, out_dir.name))
+    appearance = appearance_of(mesh) if appearance is None else appearance
     shader_look = {"appearance": appearance, "untextured": colour}
     mesh = mesh.copy()
     low, high = mesh.bounds
@@ -218,8 +221,7 @@ def prepare_object(
             mesh, occupancy_points, object_rng(seed + 1, out_dir.name), Shader(mesh, **shader_look)
         )
     if mesh.visual.kind is None:  # no colours of its own: mesh.glb keeps the rendered ones
-        look = appearance_of(mesh) if appearance is None else appearance
-        preview = np.round(look.vertex_colours(mesh, colour) * 255).astype(np.uint8)
+        preview = np.round(appearance.vertex_colours(mesh, colour) * 255).astype(np.uint8)
         mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=preview)
     _write_object_atomically(out_dir, views, cameras, meta, mesh, occupancy)
     return meta
