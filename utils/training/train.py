@@ -145,6 +145,34 @@ def _save_artefact(model: TSR, config: TrainConfig, run_dir: Path, step: int, be
     return artefact
 
 
+def _resume(model, config: TrainConfig, optimizer, scheduler, generator, rank: int) -> tuple:
+    """Load the checkpoint config.resume_from names, refusing changed settings (recorded and
+    ignored would be worse). -> (its step, its best validation state)"""
+    checkpoint = load_checkpoint(config.resume_from)
+    wanted = {**dataclasses.asdict(config), "lora": lora.lora_settings(model)}
+    conflicts = resume_conflicts(checkpoint["config"], wanted)
+    if conflicts:
+        raise UserInputError(
+            "resuming with settings other than the run's: " + ", ".join(conflicts),
+            checkpoint["path"], "resume with the run's settings (leave those flags out), or "
+            "start a new run (another --run_name) to change them",
+        )  # fmt: skip
+    step = restore_checkpoint(checkpoint, model, optimizer, scheduler, generator, rank)
+    return step, checkpoint.get("best")
+
+
+def _forward(model: TSR, items: list, config, setup, generator, lpips_network) -> list[dict]:
+    """One micro-batch: condition on the items' view 0 (bf16 autocast on CUDA), then each
+    object's loss terms."""
+    cond = torch.stack([item["cond_image"] for item in items]).to(setup.device)  # (B,H,W,3)
+    with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16):
+        scene_codes = model.encode(cond)  # (B, 3, C, 2P, 2P)
+        return [
+            _object_losses(model, code, item, config, setup, generator, lpips_network)
+            for code, item in zip(scene_codes, items, strict=True)
+        ]
+
+
 def fit(
     model: TSR,
     train_dataset,
@@ -181,17 +209,7 @@ def fit(
     # ---- resume, or start the run folder
     step, best_state = 0, None
     if config.resume_from:
-        checkpoint = load_checkpoint(config.resume_from)
-        wanted = {**dataclasses.asdict(config), "lora": lora.lora_settings(model)}
-        conflicts = resume_conflicts(checkpoint["config"], wanted)
-        if conflicts:
-            raise UserInputError(
-                "resuming with settings other than the run's: " + ", ".join(conflicts),
-                checkpoint["path"], "resume with the run's settings (leave those flags out), or "
-                "start a new run (another --run_name) to change them",
-            )  # fmt: skip
-        step = restore_checkpoint(checkpoint, model, optimizer, scheduler, data_generator, rank)
-        best_state = checkpoint.get("best")
+        step, best_state = _resume(model, config, optimizer, scheduler, data_generator, rank)
     best = BestWeights(config.early_stopping_metric, config.early_stopping_patience, best_state)
     log = RunLog(run_dir / "metrics.jsonl", callbacks, is_main=rank == 0)
     checkpoints = Checkpoints(
@@ -217,17 +235,7 @@ def fit(
             for accumulation in range(config.grad_accum_steps):
                 micro_batch = step * config.grad_accum_steps + accumulation
                 items = _micro_batch(train_dataset, micro_batch, config, rank, world)
-                cond = torch.stack([item["cond_image"] for item in items]).to(setup.device)
-                with torch.autocast(
-                    setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16
-                ):
-                    scene_codes = model.encode(cond)  # (B, 3, C, 2P, 2P)
-                    losses = [
-                        _object_losses(
-                            model, code, item, config, setup, data_generator, lpips_network
-                        )
-                        for code, item in zip(scene_codes, items, strict=True)
-                    ]
+                losses = _forward(model, items, config, setup, data_generator, lpips_network)
                 loss = torch.stack([terms["loss"] for terms in losses]).mean()
                 (loss / config.grad_accum_steps).backward()
                 _add_means(sums, losses, config.grad_accum_steps)
@@ -253,10 +261,8 @@ def fit(
             progress.update(1)
             progress.set_postfix(loss=f"{sums['loss']:.4f}")
             seconds = time.perf_counter() - started
-            log(
-                {"step": step, "lr": lr, "grad_norm": grad_norm, "seconds": seconds, **sums},
-                "on_step",
-            )
+            record = {"step": step, "lr": lr, "grad_norm": grad_norm, "seconds": seconds}
+            log({**record, **sums}, "on_step")
 
             # ---- validation and mesh metrics (rank 0), checkpoint
             last = step == setup.total_steps
