@@ -377,7 +377,7 @@ def test_gltf_inputs_are_y_up_whatever_the_flag_other_formats_follow_it(tmp_path
     tall.export(meshes / "tall.stl")
     for flag, stl_extents in (("z", (0.2, 1.0, 0.3)), ("y", (0.3, 0.2, 1.0))):
         out = tmp_path / f"set_{flag}"
-        prepare_dataset(out, input_folder=meshes, input_up=flag, n_views=1, size=32, workers=1)
+        prepare_dataset(out, input_folder=meshes, input_up=flag, n_views=2, size=32, workers=1)
         extents = {
             name: np.ptp(json.loads((out / name / "meta.json").read_text())["bounds"], axis=0)
             for name in ("tall", "tall_stl")
