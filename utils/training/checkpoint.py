@@ -21,7 +21,6 @@ from torch import nn
 
 from tsr.errors import UserInputError, brief
 from tsr.files import save_torch, write_text
-from utils.training.lora import lora_settings
 
 CHECKPOINT_NAME = "last.pt"  # <run>/checkpoints/last.pt, replaced at every save
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "config"}
@@ -69,14 +68,15 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     step: int,
     rng_states_per_rank: list[dict[str, Any]],
-    config: dict[str, Any],
+    settings: dict[str, Any],
     best: dict[str, Any] | None = None,
 ) -> Path:
     """Everything needed to continue training after `step` optimiser steps.
 
-    `best`: the best validation so far ({"step", "value", "trainable"}), so a resumed run
-    still restores and stops by it. `config` also records the LoRA settings, so a resume with
-    other settings is refused by name (`resume_conflicts`) instead of failing on a shape."""
+    `settings`: the run's settings (TrainConfig fields, the LoRA settings, the supervision
+    views), so a resume with other settings is refused by name (`resume_conflicts`) instead
+    of failing on a shape or training on silently. `best`: the best validation so far
+    ({"step", "value", "trainable"}), so a resumed run still restores and stops by it."""
     state = {
         "step": step,
         "best": best,
@@ -84,7 +84,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_states_per_rank,  # one entry per DDP rank, rank order
-        "config": {**config, "lora": lora_settings(model)},
+        "config": settings,
     }
     return save_torch(state, path)
 

@@ -122,6 +122,16 @@ def _validation(model, dataset, config, step, log: RunLog, best: BestWeights, wo
     return best.update(record, step, model, world)
 
 
+def run_settings(model: TSR, config: TrainConfig, train_dataset) -> dict:
+    """What a checkpoint records and a resumed run must match: the config, the LoRA settings
+    and the supervision views per object (a dataset setting: fine_tuning.py's --views)."""
+    return {
+        **dataclasses.asdict(config),
+        "lora": lora.lora_settings(model),
+        "supervision_views": getattr(train_dataset, "n_supervision_views", None),
+    }
+
+
 def _resolved_config(model: TSR, config: TrainConfig, setup: Setup, n_objects, world) -> dict:
     """config.json: the config as run, with everything fit() chose itself."""
     return {
@@ -171,6 +181,7 @@ def fit(
     if not config.resume_from:
         start_afresh(run_dir, overwrite, remove=rank == 0)
     setup = prepare(model, train_dataset, config, rank, world)
+    settings = run_settings(model, config, train_dataset)
     optimizer, scheduler = optimiser(model, setup, config)
     torch.manual_seed(config.seed + rank)  # LoRA dropout draws from torch's global generator
     data_generator = torch.Generator().manual_seed(config.seed * 1_000 + rank)  # rays, patches
@@ -182,8 +193,7 @@ def fit(
     step, best_state = 0, None
     if config.resume_from:
         checkpoint = load_checkpoint(config.resume_from)
-        wanted = {**dataclasses.asdict(config), "lora": lora.lora_settings(model)}
-        conflicts = resume_conflicts(checkpoint["config"], wanted)
+        conflicts = resume_conflicts(checkpoint["config"], settings)
         if conflicts:
             raise UserInputError(
                 "resuming with settings other than the run's: " + ", ".join(conflicts),
@@ -268,7 +278,7 @@ def fit(
                 log({"step": step, **mesh_record}, "on_validation")
             if last or _every(step, config.checkpoint_every):
                 checkpoints.save(
-                    step, model, optimizer, scheduler, data_generator, config, best.state
+                    step, model, optimizer, scheduler, data_generator, settings, best.state
                 )
             if stopped_early:
                 print(best.stopping_message(step)) if rank == 0 else None
