@@ -44,7 +44,7 @@ from utils.training import adapters, lora
 from utils.training.checkpoint import (
     checkpoint_file,
     load_checkpoint,
-    resume_conflicts,
+    refuse_resume_conflicts,
     start_afresh,
 )
 from utils.training.config import TrainConfig
@@ -276,16 +276,10 @@ def settings_to_resume(
     if "targets" in given:
         settings["targets"] = args.targets  # a preset: fit() compares the layers it names
     views = args.views if "views" in given else saved.get("supervision_views") or args.views
-    conflicts = resume_conflicts(saved, {**dataclasses.asdict(config), "supervision_views": views})
-    conflicts += [f"{name} {saved_lora[name]!r} -> {settings[name]!r}"
-                  for name in ("r", "alpha", "dropout")
-                  if name in saved_lora and saved_lora[name] != settings[name]]  # fmt: skip
-    if conflicts:
-        raise UserInputError(
-            "resuming with settings other than the run's: " + ", ".join(conflicts), checkpoint,
-            "leave those flags out to continue the run as it was, or start a new run "
-            "(another --run_name) to change them",
-        )  # fmt: skip
+    # targets stay the run's here: a preset's layers are compared by fit() once resolved
+    wanted_lora = {**saved_lora, **{k: settings[k] for k in ("r", "alpha", "dropout")}}
+    wanted = {**dataclasses.asdict(config), "supervision_views": views, "lora": wanted_lora}
+    refuse_resume_conflicts(saved, wanted, checkpoint)
     return config, settings, views
 
 

@@ -306,7 +306,8 @@ def adapter_config_not_json(tmp, env):
     adapter = copy_of(env["run"] / "adapter", tmp)
     (adapter / "adapter_config.json").write_text('{"r": 4,')
     argv = ["--image_path", str(REPO / "examples" / "sphere.png"), "--lora_path", str(adapter),
-            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"), "--device", "cpu"]  # fmt: skip
+            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"),
+            "--device", "cpu"]  # fmt: skip
     return "inference_lora", argv, [str(adapter / "adapter_config.json")]
 
 
@@ -319,7 +320,8 @@ def adapter_weights_with_inf(tmp, env):
     state[name][0, 0] = float("inf")
     save_file(state, weights)
     argv = ["--image_path", str(REPO / "examples" / "sphere.png"), "--lora_path", str(adapter),
-            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"), "--device", "cpu"]  # fmt: skip
+            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"),
+            "--device", "cpu"]  # fmt: skip
     return "inference_lora", argv, [str(adapter), name.removeprefix("base_model.model.")]
 
 
@@ -376,7 +378,8 @@ def test_broken_meshes_are_skipped_by_name(tmp_path):
     meshes = tmp_path / "meshes"
     meshes.mkdir()
     (meshes / "nan.obj").write_text(
-        "v 0 0 0\nv 1 0 0\nv 0 1 0\nv nan 0 1\nv 0 0 1\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\nf 1 2 5\n"
+        "v 0 0 0\nv 1 0 0\nv 0 1 0\nv nan 0 1\nv 0 0 1\n"
+        "f 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\nf 1 2 5\n"
     )  # processing alone would drop the faces at the NaN and keep a one-triangle mesh
     (meshes / "flat.obj").write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\n")  # zero area
     trimesh.creation.box().export(meshes / "box.obj")

@@ -131,15 +131,29 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     return checkpoint
 
 
-def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
     """The settings of a resumed run that differ from its checkpoint's and that it cannot
-    change: 'lr 0.0001 -> 0.01'. `saved` and `wanted` as checkpoints record them (TrainConfig
-    fields plus "lora"); settings one of them lacks (older checkpoints) are not compared."""
-    return [
-        f"{name} {saved[name]!r} -> {wanted[name]!r}"
-        for name in sorted(set(saved) & set(wanted) - CHANGEABLE_ON_RESUME)
-        if saved[name] != wanted[name]
-    ]
+    change: 'lr 0.0001 -> 0.01', 'lora.r 4 -> 8'. `saved` and `wanted` as checkpoints record
+    them (`run_settings`); settings one of them lacks (older checkpoints) are not compared."""
+    found = []
+    for name in sorted(set(saved) & set(wanted) - (set() if prefix else CHANGEABLE_ON_RESUME)):
+        old, new = saved[name], wanted[name]
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += resume_conflicts(old, new, f"{prefix}{name}.")
+        elif old != new:
+            found.append(f"{prefix}{name} {old!r} -> {new!r}")
+    return found
+
+
+def refuse_resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any], checkpoint) -> None:
+    """One UserInputError naming every setting a resume would change but cannot."""
+    conflicts = resume_conflicts(saved, wanted)
+    if conflicts:
+        raise UserInputError(
+            "resuming with settings other than the run's: " + ", ".join(conflicts), checkpoint,
+            "leave those flags out to continue the run as it was, or start a new run "
+            "(another --run_name) to change them",
+        )  # fmt: skip
 
 
 def restore_checkpoint(

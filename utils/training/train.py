@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tsr.errors import UserInputError
 from tsr.model import TSR
 from utils.data.dataset import sample_patches, sample_rays
 from utils.evaluation.validate import validate
@@ -28,8 +27,8 @@ from utils.training.bookkeeping import BestWeights, Checkpoints, RunLog
 from utils.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
+    refuse_resume_conflicts,
     restore_checkpoint,
-    resume_conflicts,
     start_afresh,
     start_run_folder,
 )
@@ -193,13 +192,7 @@ def fit(
     step, best_state = 0, None
     if config.resume_from:
         checkpoint = load_checkpoint(config.resume_from)
-        conflicts = resume_conflicts(checkpoint["config"], settings)
-        if conflicts:
-            raise UserInputError(
-                "resuming with settings other than the run's: " + ", ".join(conflicts),
-                checkpoint["path"], "resume with the run's settings (leave those flags out), or "
-                "start a new run (another --run_name) to change them",
-            )  # fmt: skip
+        refuse_resume_conflicts(checkpoint["config"], settings, checkpoint["path"])
         step = restore_checkpoint(checkpoint, model, optimizer, scheduler, data_generator, rank)
         best_state = checkpoint.get("best")
     best = BestWeights(config.early_stopping_metric, config.early_stopping_patience, best_state)
