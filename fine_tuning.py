@@ -44,7 +44,7 @@ from utils.training import adapters, lora
 from utils.training.checkpoint import (
     checkpoint_file,
     load_checkpoint,
-    resume_conflicts,
+    refuse_resume_conflicts,
     start_afresh,
 )
 from utils.training.config import TrainConfig
@@ -260,9 +260,10 @@ def load_datasets(folder: Path, layout: str, n_views: int, model: TSR, seed: int
 
 def settings_to_resume(
     parser: ArgumentParser, args: argparse.Namespace, argv: list[str] | None, checkpoint: str
-) -> tuple[TrainConfig, dict]:
-    """The run's TrainConfig and LoRA settings from its checkpoint, changed where a flag was
-    typed; a change a resumed run cannot make is refused here, before any work."""
+) -> tuple[TrainConfig, dict, int]:
+    """The run's TrainConfig, LoRA settings and supervision views from its checkpoint,
+    changed where a flag was typed; a change a resumed run cannot make is refused here,
+    before any work. -> (config, LoRA settings, views)"""
     saved = load_checkpoint(checkpoint, mmap=True)["config"]
     given = given_flags(parser, argv)
     config = resumed_config(args, given, saved, checkpoint)
@@ -274,17 +275,12 @@ def settings_to_resume(
     settings["targets"] = saved_lora.get("targets", args.targets)
     if "targets" in given:
         settings["targets"] = args.targets  # a preset: fit() compares the layers it names
-    conflicts = resume_conflicts(saved, dataclasses.asdict(config))
-    conflicts += [f"{name} {saved_lora[name]!r} -> {settings[name]!r}"
-                  for name in ("r", "alpha", "dropout")
-                  if name in saved_lora and saved_lora[name] != settings[name]]  # fmt: skip
-    if conflicts:
-        raise UserInputError(
-            "resuming with settings other than the run's: " + ", ".join(conflicts), checkpoint,
-            "leave those flags out to continue the run as it was, or start a new run "
-            "(another --run_name) to change them",
-        )  # fmt: skip
-    return config, settings
+    views = args.views if "views" in given else saved.get("supervision_views") or args.views
+    # targets stay the run's here: a preset's layers are compared by fit() once resolved
+    wanted_lora = {**saved_lora, **{k: settings[k] for k in ("r", "alpha", "dropout")}}
+    wanted = {**dataclasses.asdict(config), "supervision_views": views, "lora": wanted_lora}
+    refuse_resume_conflicts(saved, wanted, checkpoint)
+    return config, settings, views
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -295,11 +291,12 @@ def main(argv: list[str] | None = None) -> Path:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     run_dir, resume_from = resolve_run(args)
     if resume_from:
-        config, lora_settings = settings_to_resume(parser, args, argv, resume_from)
+        config, lora_settings, views = settings_to_resume(parser, args, argv, resume_from)
     else:
         config = train_config(args, None)
         lora_settings = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout,
                          "targets": args.targets}  # fmt: skip
+        views = args.views
         start_afresh(run_dir, args.overwrite, remove=False)  # refuse now, not after loading
     folder = Path(args.input_folder)
     layout = check_input_folder(folder)
@@ -308,7 +305,7 @@ def main(argv: list[str] | None = None) -> Path:
     if config.train_mode == "lora":
         lora.add_lora(model, **lora_settings, seed=config.seed)
     model.to(device)
-    train_set, val_set = load_datasets(folder, layout, args.views, model, config.seed)
+    train_set, val_set = load_datasets(folder, layout, views, model, config.seed)
     result = fit(
         model, train_set, config, val_dataset=val_set, output_dir=run_dir, overwrite=args.overwrite
     )

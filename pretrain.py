@@ -70,7 +70,7 @@ from utils.data.build import MIN_SIZE, MIN_VIEWS, prepare_dataset
 from utils.data.check import check_dataset
 from utils.data.dataset import MultiViewDataset
 from utils.evaluation.threshold import best_threshold_by_chamfer
-from utils.training.checkpoint import load_checkpoint, resume_conflicts, start_afresh
+from utils.training.checkpoint import load_checkpoint, refuse_resume_conflicts, start_afresh
 from utils.training.config import TrainConfig
 from utils.training.pretraining import pretraining_model
 from utils.training.train import fit
@@ -247,12 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     config = train_config_for(args)  # refuse bad settings before hours of work
     if args.resume:  # here, not in the training processes, whose errors come back as text
         saved = load_checkpoint(run_dir_for(args), mmap=True)["config"]
-        conflicts = resume_conflicts(saved, dataclasses.asdict(config))
-        if conflicts:
-            raise UserInputError(
-                "resuming with settings other than the run's: " + ", ".join(conflicts),
-                run_dir_for(args), "resume with the flags of the interrupted run",
-            )  # fmt: skip
+        refuse_resume_conflicts(saved, dataclasses.asdict(config), run_dir_for(args))
     else:
         start_afresh(run_dir_for(args), args.overwrite, remove=False)
         if (args.out / "config.yaml").exists() and not args.overwrite:

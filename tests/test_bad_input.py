@@ -183,6 +183,12 @@ def resume_with_another_rank(tmp, env):
 
 
 @case
+def resume_with_other_views(tmp, env):
+    argv = [*QUICK, "--input_folder", str(env["data"]), "--resume", str(env["run"]), "--views", "3"]
+    return "fine_tuning", argv, ["last.pt", "supervision_views 2 -> 3"]
+
+
+@case
 def resume_from_random_bytes(tmp, env):
     run = copy_of(env["run"], tmp)
     (run / "checkpoints" / "last.pt").write_bytes(np.random.default_rng(0).bytes(4096))
@@ -300,7 +306,8 @@ def adapter_config_not_json(tmp, env):
     adapter = copy_of(env["run"] / "adapter", tmp)
     (adapter / "adapter_config.json").write_text('{"r": 4,')
     argv = ["--image_path", str(REPO / "examples" / "sphere.png"), "--lora_path", str(adapter),
-            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"), "--device", "cpu"]  # fmt: skip
+            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"),
+            "--device", "cpu"]  # fmt: skip
     return "inference_lora", argv, [str(adapter / "adapter_config.json")]
 
 
@@ -313,7 +320,8 @@ def adapter_weights_with_inf(tmp, env):
     state[name][0, 0] = float("inf")
     save_file(state, weights)
     argv = ["--image_path", str(REPO / "examples" / "sphere.png"), "--lora_path", str(adapter),
-            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"), "--device", "cpu"]  # fmt: skip
+            "--repo_root", "tiny", "--output", str(tmp / "mesh.obj"),
+            "--device", "cpu"]  # fmt: skip
     return "inference_lora", argv, [str(adapter), name.removeprefix("base_model.model.")]
 
 
@@ -370,7 +378,8 @@ def test_broken_meshes_are_skipped_by_name(tmp_path):
     meshes = tmp_path / "meshes"
     meshes.mkdir()
     (meshes / "nan.obj").write_text(
-        "v 0 0 0\nv 1 0 0\nv 0 1 0\nv nan 0 1\nv 0 0 1\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\nf 1 2 5\n"
+        "v 0 0 0\nv 1 0 0\nv 0 1 0\nv nan 0 1\nv 0 0 1\n"
+        "f 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\nf 1 2 5\n"
     )  # processing alone would drop the faces at the NaN and keep a one-triangle mesh
     (meshes / "flat.obj").write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\n")  # zero area
     trimesh.creation.box().export(meshes / "box.obj")
@@ -492,6 +501,20 @@ def test_a_diverging_run_stops_with_the_message(env, tmp_path):
                          lambda_mask=1.0, warmup_fraction=0.0)  # fmt: skip
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* lower --lr"):
         fit(model, dataset, config, output_dir=tmp_path / "run")
+
+
+def test_a_resume_takes_the_runs_settings_not_the_defaults(env):
+    """A resumed run killed and continued with only --resume used to train on with the
+    default --views (4, not the run's 2) and ended on another adapter than a straight run."""
+    fine_tuning = runpy.run_path(str(REPO / "fine_tuning.py"))
+    argv = ["--input_folder", str(env["data"]), "--resume", str(env["run"])]
+    args = fine_tuning["build_parser"]().parse_args(argv)
+    checkpoint = str(env["run"] / "checkpoints" / "last.pt")
+    config, lora, views = fine_tuning["settings_to_resume"](
+        fine_tuning["build_parser"](), args, argv, checkpoint
+    )
+    assert (views, lora["r"], config.rays_per_object, config.max_steps) == (2, 4, 32, 1)
+    assert args.views == 4 and args.r == 16 and args.rays is None  # the defaults it ignores
 
 
 def test_same_seed_same_adapter_bytes(env, tmp_path):

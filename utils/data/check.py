@@ -201,7 +201,8 @@ def raise_if_problems(problems: list[str], where: str | Path) -> None:
     if not problems:
         return
     shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
-    more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    hidden = len(problems) - SHOWN_PROBLEMS
+    more = f"\n  ... and {hidden} more" if hidden > 0 else ""
     raise UserInputError(
         f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the dataset", where,
         f"fix each below, then run again:\n  {shown}{more}",

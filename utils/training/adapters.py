@@ -85,6 +85,11 @@ def save_adapter(model: TSR, out_dir, extra_metadata: dict | None = None) -> Pat
     }
     with atomic_folder(out_dir) as folder:
         config.save_pretrained(str(folder))
+        # peft keeps target_modules as a set and writes it in hash order, which differs
+        # between processes: sorted, equal adapters have equal files
+        settings = json.loads((folder / ADAPTER_CONFIG).read_text())
+        settings["target_modules"] = sorted(settings["target_modules"])
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True))
         (folder / ADAPTER_WEIGHTS).write_bytes(safetensors_bytes(state, header))
         (folder / TSR_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
     return out_dir

@@ -3,7 +3,6 @@ of the run (metrics.jsonl, callbacks) and the checkpoints."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,14 +90,13 @@ class Checkpoints:
         self.path, self.world, self.is_main = path, world, is_main
         self.saved = [] if resumed_step is None else [resumed_step]
 
-    def save(self, step, model, optimizer, scheduler, generator, config, best) -> None:
+    def save(self, step, model, optimizer, scheduler, generator, settings, best) -> None:
         states = [capture_rng_states(generator)]
         if self.world > 1:  # every rank's sampler state, so each resumes its own stream
             states = [None] * self.world
             dist.all_gather_object(states, capture_rng_states(generator))
         if self.is_main:
-            config = dataclasses.asdict(config)
-            save_checkpoint(self.path, model, optimizer, scheduler, step, states, config, best)
+            save_checkpoint(self.path, model, optimizer, scheduler, step, states, settings, best)
         self.saved.append(step)
 
     def last(self) -> str:

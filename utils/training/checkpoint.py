@@ -21,7 +21,6 @@ from torch import nn
 
 from tsr.errors import UserInputError, brief
 from tsr.files import save_torch, write_text
-from utils.training.lora import lora_settings
 
 CHECKPOINT_NAME = "last.pt"  # <run>/checkpoints/last.pt, replaced at every save
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "config"}
@@ -69,14 +68,15 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     step: int,
     rng_states_per_rank: list[dict[str, Any]],
-    config: dict[str, Any],
+    settings: dict[str, Any],
     best: dict[str, Any] | None = None,
 ) -> Path:
     """Everything needed to continue training after `step` optimiser steps.
 
-    `best`: the best validation so far ({"step", "value", "trainable"}), so a resumed run
-    still restores and stops by it. `config` also records the LoRA settings, so a resume with
-    other settings is refused by name (`resume_conflicts`) instead of failing on a shape."""
+    `settings`: the run's settings (TrainConfig fields, the LoRA settings, the supervision
+    views), so a resume with other settings is refused by name (`resume_conflicts`) instead
+    of failing on a shape or training on silently. `best`: the best validation so far
+    ({"step", "value", "trainable"}), so a resumed run still restores and stops by it."""
     state = {
         "step": step,
         "best": best,
@@ -84,7 +84,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_states_per_rank,  # one entry per DDP rank, rank order
-        "config": {**config, "lora": lora_settings(model)},
+        "config": settings,
     }
     return save_torch(state, path)
 
@@ -131,15 +131,29 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     return checkpoint
 
 
-def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
     """The settings of a resumed run that differ from its checkpoint's and that it cannot
-    change: 'lr 0.0001 -> 0.01'. `saved` and `wanted` as checkpoints record them (TrainConfig
-    fields plus "lora"); settings one of them lacks (older checkpoints) are not compared."""
-    return [
-        f"{name} {saved[name]!r} -> {wanted[name]!r}"
-        for name in sorted(set(saved) & set(wanted) - CHANGEABLE_ON_RESUME)
-        if saved[name] != wanted[name]
-    ]
+    change: 'lr 0.0001 -> 0.01', 'lora.r 4 -> 8'. `saved` and `wanted` as checkpoints record
+    them (`run_settings`); settings one of them lacks (older checkpoints) are not compared."""
+    found = []
+    for name in sorted(set(saved) & set(wanted) - (set() if prefix else CHANGEABLE_ON_RESUME)):
+        old, new = saved[name], wanted[name]
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += resume_conflicts(old, new, f"{prefix}{name}.")
+        elif old != new:
+            found.append(f"{prefix}{name} {old!r} -> {new!r}")
+    return found
+
+
+def refuse_resume_conflicts(saved: dict[str, Any], wanted: dict[str, Any], checkpoint) -> None:
+    """One UserInputError naming every setting a resume would change but cannot."""
+    conflicts = resume_conflicts(saved, wanted)
+    if conflicts:
+        raise UserInputError(
+            "resuming with settings other than the run's: " + ", ".join(conflicts), checkpoint,
+            "leave those flags out to continue the run as it was, or start a new run "
+            "(another --run_name) to change them",
+        )  # fmt: skip
 
 
 def restore_checkpoint(
@@ -223,3 +237,12 @@ def start_run_folder(run_dir: Path, resolved_config: dict[str, Any], resume_step
         kept = [record for record in records if record["step"] <= resume_step]
     write_text(metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
     return metrics_path
+
+
+def resume(model, optimizer, scheduler, generator, settings: dict, config, rank: int) -> tuple:
+    """Load the checkpoint config.resume_from names, refusing changed settings (recorded and
+    ignored would be worse). -> (its step, its best validation state)"""
+    checkpoint = load_checkpoint(config.resume_from)
+    refuse_resume_conflicts(checkpoint["config"], settings, checkpoint["path"])
+    step = restore_checkpoint(checkpoint, model, optimizer, scheduler, generator, rank)
+    return step, checkpoint.get("best")

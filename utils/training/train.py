@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tsr.errors import UserInputError
 from tsr.model import TSR
 from utils.data.dataset import sample_patches, sample_rays
 from utils.evaluation.validate import validate
@@ -27,9 +26,7 @@ from utils.training import adapters, lora
 from utils.training.bookkeeping import BestWeights, Checkpoints, RunLog
 from utils.training.checkpoint import (
     CHECKPOINT_NAME,
-    load_checkpoint,
-    restore_checkpoint,
-    resume_conflicts,
+    resume,
     start_afresh,
     start_run_folder,
 )
@@ -122,6 +119,16 @@ def _validation(model, dataset, config, step, log: RunLog, best: BestWeights, wo
     return best.update(record, step, model, world)
 
 
+def run_settings(model: TSR, config: TrainConfig, train_dataset) -> dict:
+    """What a checkpoint records and a resumed run must match: the config, the LoRA settings
+    and the supervision views per object (a dataset setting: fine_tuning.py's --views)."""
+    return {
+        **dataclasses.asdict(config),
+        "lora": lora.lora_settings(model),
+        "supervision_views": getattr(train_dataset, "n_supervision_views", None),
+    }
+
+
 def _resolved_config(model: TSR, config: TrainConfig, setup: Setup, n_objects, world) -> dict:
     """config.json: the config as run, with everything fit() chose itself."""
     return {
@@ -145,20 +152,11 @@ def _save_artefact(model: TSR, config: TrainConfig, run_dir: Path, step: int, be
     return artefact
 
 
-def _resume(model, config: TrainConfig, optimizer, scheduler, generator, rank: int) -> tuple:
-    """Load the checkpoint config.resume_from names, refusing changed settings (recorded and
-    ignored would be worse). -> (its step, its best validation state)"""
-    checkpoint = load_checkpoint(config.resume_from)
-    wanted = {**dataclasses.asdict(config), "lora": lora.lora_settings(model)}
-    conflicts = resume_conflicts(checkpoint["config"], wanted)
-    if conflicts:
-        raise UserInputError(
-            "resuming with settings other than the run's: " + ", ".join(conflicts),
-            checkpoint["path"], "resume with the run's settings (leave those flags out), or "
-            "start a new run (another --run_name) to change them",
-        )  # fmt: skip
-    step = restore_checkpoint(checkpoint, model, optimizer, scheduler, generator, rank)
-    return step, checkpoint.get("best")
+def _lpips(config: TrainConfig, setup, rank: int):
+    """The LPIPS network when the recipe weighs it (None otherwise or when unavailable)."""
+    if config.lambda_lpips <= 0:
+        return None
+    return load_lpips(setup.device, config.sampling == "patches", verbose=rank == 0)
 
 
 def _forward(model: TSR, items: list, config, setup, generator, lpips_network) -> list[dict]:
@@ -199,17 +197,18 @@ def fit(
     if not config.resume_from:
         start_afresh(run_dir, overwrite, remove=rank == 0)
     setup = prepare(model, train_dataset, config, rank, world)
+    settings = run_settings(model, config, train_dataset)
     optimizer, scheduler = optimiser(model, setup, config)
     torch.manual_seed(config.seed + rank)  # LoRA dropout draws from torch's global generator
     data_generator = torch.Generator().manual_seed(config.seed * 1_000 + rank)  # rays, patches
-    lpips_network = None
-    if config.lambda_lpips > 0:
-        lpips_network = load_lpips(setup.device, config.sampling == "patches", rank == 0)
+    lpips_network = _lpips(config, setup, rank)
 
     # ---- resume, or start the run folder
     step, best_state = 0, None
     if config.resume_from:
-        step, best_state = _resume(model, config, optimizer, scheduler, data_generator, rank)
+        step, best_state = resume(
+            model, optimizer, scheduler, data_generator, settings, config, rank
+        )
     best = BestWeights(config.early_stopping_metric, config.early_stopping_patience, best_state)
     log = RunLog(run_dir / "metrics.jsonl", callbacks, is_main=rank == 0)
     checkpoints = Checkpoints(
@@ -274,7 +273,7 @@ def fit(
                 log({"step": step, **mesh_record}, "on_validation")
             if last or _every(step, config.checkpoint_every):
                 checkpoints.save(
-                    step, model, optimizer, scheduler, data_generator, config, best.state
+                    step, model, optimizer, scheduler, data_generator, settings, best.state
                 )
             if stopped_early:
                 print(best.stopping_message(step)) if rank == 0 else None
