@@ -32,7 +32,7 @@ from utils.training.checkpoint import (
 )
 from utils.training.config import TrainConfig
 from utils.training.curves import plot_loss_curves
-from utils.training.distributed import all_reduce_mean, distributed, objects_for
+from utils.training.distributed import agree, all_reduce_mean, distributed, objects_for
 from utils.training.losses import load_lpips, occupancy_losses, render_loss
 from utils.training.setup import Setup, optimiser, prepare
 
@@ -44,7 +44,7 @@ class TrainResult:
     history: list[dict]  # every metrics record of this run (train and validation)
     artefact: Path | None  # the adapter folder (lora) or model folder (full); None on ranks > 0
     best_step: int | None = None  # the validation whose weights the artefact holds
-    stopped_early: bool = False
+    stopped_by: str = "max_steps"  # what ended it: "max_steps", "early_stopping", "time_budget"
 
 
 SURFACE_BAND = 0.05  # labelled points this close to the surface supervise its colour
@@ -102,6 +102,63 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def _forward_backward(model, dataset, step, config, setup, rank, world, generator, lpips) -> dict:
+    """Gradients of one optimiser step, over its micro-batches. -> the step's mean loss terms"""
+    sums: dict[str, float] = {}
+    for accumulation in range(config.grad_accum_steps):
+        micro_batch = step * config.grad_accum_steps + accumulation
+        items = _micro_batch(dataset, micro_batch, config, rank, world)
+        cond = torch.stack([item["cond_image"] for item in items]).to(setup.device)
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16):
+            scene_codes = model.encode(cond)  # (B, 3, C, 2P, 2P)
+            losses = [
+                _object_losses(model, code, item, config, setup, generator, lpips)
+                for code, item in zip(scene_codes, items, strict=True)
+            ]
+        loss = torch.stack([terms["loss"] for terms in losses]).mean()
+        (loss / config.grad_accum_steps).backward()
+        _add_means(sums, losses, config.grad_accum_steps)
+    return sums
+
+
+def _refuse_non_finite(sums: dict, grad_norm: float, step: int, checkpoints, progress) -> None:
+    """Stop on a non-finite loss or gradient, before it reaches the weights."""
+    if math.isfinite(sums["loss"]) and math.isfinite(grad_norm):
+        return
+    progress.close()
+    raise FloatingPointError(
+        f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: "
+        f"training stopped. The last good checkpoint is {checkpoints.last()}; resume "
+        "from it with a lower --lr, or check the data of this step"
+    )
+
+
+def _ending(step: int, total_steps: int, started: float, config: TrainConfig, world) -> str | None:
+    """Whether the run ends after this step, and why: its last step, or its time budget spent
+    (rank 0's clock decides for every rank, so all stop at the same step)."""
+    if step == total_steps:
+        return "max_steps"
+    if config.time_budget_s is None:
+        return None
+    spent = time.perf_counter() - started >= config.time_budget_s
+    return "time_budget" if agree((spent, spent), world)[0] else None
+
+
+def _ending_message(stopped_by: str, step: int, total_steps: int, config, best) -> str | None:
+    """The line a run that ended before its last step prints."""
+    if stopped_by == "early_stopping":
+        return best.stopping_message(step)
+    if stopped_by != "time_budget":
+        return None
+    weights = "the last step's"
+    if config.restore_best and best.step is not None:
+        weights = f"those of step {best.step}, the best validation"
+    return (
+        f"time budget of {config.time_budget_s:g} s spent at step {step} of {total_steps}: "
+        f"stopped after a final validation; the weights kept are {weights}"
+    )
+
+
 def _validate(model: TSR, dataset, config: TrainConfig) -> dict[str, float]:
     """Validation measures the training's render loss (no LPIPS: its rays are no patches)."""
     weights = config.loss_weights()
@@ -130,9 +187,12 @@ def _resolved_config(model: TSR, config: TrainConfig, setup: Setup, n_objects, w
     }  # fmt: skip
 
 
-def _save_artefact(model: TSR, config: TrainConfig, run_dir: Path, step: int, best_step) -> Path:
-    """The adapter (lora, peft format) or the whole model (full), and loss.png."""
-    extra = {"train_config": dataclasses.asdict(config), "steps": step, "best_step": best_step}
+def _save_artefact(model, config: TrainConfig, run_dir: Path, step: int, best_step, stopped_by):
+    """The adapter (lora, peft format) or the whole model (full), and loss.png. -> its path"""
+    extra = {
+        "train_config": dataclasses.asdict(config), "steps": step, "best_step": best_step,
+        "stopped_by": stopped_by,
+    }  # fmt: skip
     if config.train_mode == "lora":
         artefact = adapters.save_adapter(model, run_dir / "adapter", extra_metadata=extra)
     else:
@@ -160,6 +220,7 @@ def fit(
     is anything with len() and [index] -> item (a MultiViewDataset, a list of items).
     `mesh_metrics(model, val_dataset) -> dict` runs every `config.mesh_every` steps.
     """
+    started = time.perf_counter()  # the time budget counts from here
     rank, world = distributed()
     run_dir = Path(output_dir)
     setup = prepare(model, train_dataset, config, rank, world)
@@ -188,28 +249,17 @@ def fit(
     progress = tqdm(
         total=setup.total_steps, initial=step, disable=not (rank == 0 and config.progress)
     )
-    stopped_early = False
+    stopped_by = "max_steps"
     model.train()
     if val_dataset is not None and step == 0:  # the starting point of the curves
         _validation(model, val_dataset, config, 0, log, best, world)
     while step < setup.total_steps:
-        started = time.perf_counter()
+        step_started = time.perf_counter()
         # ---- forward and backward over the micro-batches of this step
         optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        for accumulation in range(config.grad_accum_steps):
-            micro_batch = step * config.grad_accum_steps + accumulation
-            items = _micro_batch(train_dataset, micro_batch, config, rank, world)
-            cond = torch.stack([item["cond_image"] for item in items]).to(setup.device)
-            with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16):
-                scene_codes = model.encode(cond)  # (B, 3, C, 2P, 2P)
-                losses = [
-                    _object_losses(model, code, item, config, setup, data_generator, lpips_network)
-                    for code, item in zip(scene_codes, items, strict=True)
-                ]
-            loss = torch.stack([terms["loss"] for terms in losses]).mean()
-            (loss / config.grad_accum_steps).backward()
-            _add_means(sums, losses, config.grad_accum_steps)
+        sums = _forward_backward(
+            model, train_dataset, step, config, setup, rank, world, data_generator, lpips_network
+        )
 
         # ---- average gradients and logged losses over processes (DDP)
         if world > 1:
@@ -217,13 +267,7 @@ def fit(
 
         # ---- stop on a non-finite loss or gradient, before it reaches the weights
         grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.trainable, config.grad_clip))
-        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-            progress.close()
-            raise FloatingPointError(
-                f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: "
-                f"training stopped. The last good checkpoint is {checkpoints.last()}; resume "
-                "from it with a lower --lr, or check the data of this step"
-            )
+        _refuse_non_finite(sums, grad_norm, step, checkpoints, progress)
 
         # ---- optimiser and schedule
         lr = optimizer.param_groups[0]["lr"]
@@ -232,33 +276,36 @@ def fit(
         step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{sums['loss']:.4f}")
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - step_started
         log({"step": step, "lr": lr, "grad_norm": grad_norm, "seconds": seconds, **sums}, "on_step")
 
-        # ---- validation and mesh metrics (rank 0), checkpoint
-        last = step == setup.total_steps
-        if val_dataset is not None and (last or _every(step, config.val_every)):
-            stopped_early = _validation(model, val_dataset, config, step, log, best, world)
-            stopped_early, last = stopped_early and not last, last or stopped_early
+        # ---- validation and mesh metrics (rank 0), checkpoint; the end: last step, budget
+        ending = _ending(step, setup.total_steps, started, config, world)
+        if val_dataset is not None and (ending or _every(step, config.val_every)):
+            patience_out = _validation(model, val_dataset, config, step, log, best, world)
+            ending = ending or ("early_stopping" if patience_out else None)
         if rank == 0 and mesh_metrics is not None and _every(step, config.mesh_every):
             mesh_record = {f"val_{k}": v for k, v in mesh_metrics(model, val_dataset).items()}
             log({"step": step, **mesh_record}, "on_validation")
-        if last or _every(step, config.checkpoint_every):
+        if ending or _every(step, config.checkpoint_every):
             checkpoints.save(step, model, optimizer, scheduler, data_generator, config, best.state)
-        if stopped_early:
-            print(best.stopping_message(step)) if rank == 0 else None
+        if ending:
+            stopped_by = ending
             break
     progress.close()
+    message = _ending_message(stopped_by, step, setup.total_steps, config, best)
+    if rank == 0 and message:
+        print(message)
     if config.restore_best:  # the artefact holds the best validation's weights, not the last
         best.restore(model, step)
 
     # ---- final artefacts
     artefact = None
     if rank == 0:
-        artefact = _save_artefact(model, config, run_dir, step, best.step)
+        artefact = _save_artefact(model, config, run_dir, step, best.step, stopped_by)
         log.event("on_end")
     model.eval()
     return TrainResult(
         run_dir=run_dir, steps=step, history=log.history, artefact=artefact,
-        best_step=best.step, stopped_early=stopped_early,
+        best_step=best.step, stopped_by=stopped_by,
     )  # fmt: skip
