@@ -1,14 +1,12 @@
-"""The notebooks as files (clean, one settings cell, prose before short code), the helpers they
-share (utils/notebook/) and the runner behind `make demo`. Running the notebooks
-themselves is nbmake's job in `make test` (SMOKE=1)."""
+"""The notebooks as files (clean, one settings cell, prose before short code) and the helpers
+they share (utils/notebook/); the runner behind `make demo` has test_run_notebooks.py. Running
+the notebooks themselves is nbmake's job in `make test` (SMOKE=1)."""
 
 from __future__ import annotations
 
 import ast
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -203,30 +201,3 @@ def test_export_meshes_writes_every_format(tmp_path):
     rows = nbh.export_meshes({"box": trimesh.creation.box()}, tmp_path, ("obj", "glb"))
     assert [Path(row["path"]).name for row in rows] == ["box.obj", "box.glb"]
     assert len(trimesh.load(tmp_path / "box.glb", force="mesh").faces) == 12
-
-
-# ---- scripts/run_notebooks.py -------------------------------------------------------------------
-def test_runner_runs_in_order_keeps_copies_and_stops_at_the_first_failure(tmp_path):
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
-    sources = {
-        "02_c": "open('order.txt', 'a').write('c')",
-        "00_a": "open('order.txt', 'a').write('a')",
-        "01_b": "open('order.txt', 'a').write('b')\nraise ValueError('broken on purpose')",
-    }
-    for name, source in sources.items():
-        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
-        nbformat.write(notebook, folder / f"{name}.ipynb")
-    out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--notebooks",
-               str(folder), "--out", str(out)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
-    assert "00_a.ipynb: ok" in done.stdout and "01_b.ipynb: FAILED" in done.stdout
-    assert "broken on purpose" in done.stderr
-    assert (folder / "order.txt").read_text() == "ab"  # in order, in their folder, 02_c not run
-    assert {p.name for p in out.iterdir()} == {
-        "00_a.ipynb", "00_a.html", "01_b.ipynb", "01_b.html", "runtimes.json"
-    }  # fmt: skip
-    failed = nbformat.read(out / "01_b.ipynb", as_version=4)
-    assert failed.cells[0].outputs[-1].output_type == "error"  # the copy shows what failed
