@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from tsr.io import DEFAULT_MODEL
+from tsr.mesh import METHODS
 from tsr.model import TSR
 from utils.data.dataset import MultiViewDataset
-from utils.evaluation.evaluate import evaluate_model, sphere_records
+from utils.evaluation.evaluate import MESH_METHOD, PIXEL_STRIDE, evaluate_models
 from utils.evaluation.report import compare, write_report
 from utils.training.adapters import load_adapter
 from utils.training.lora import merge_adapter
@@ -39,6 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", help="LoRA adapter: folder, .safetensors or lora_weights.pth")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/eval"))
     parser.add_argument("--mc-resolution", type=int, default=128, help="marching-cubes grid")
+    parser.add_argument(
+        "--mesh-method", default=MESH_METHOD, choices=METHODS,
+        help="grid queries: coarse_to_fine (near the surface only), dense (every point); tsr/mesh.py",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pixel-stride", type=int, default=PIXEL_STRIDE,
+        help="score novel views on every Nth pixel of every Nth row (1: all pixels)",
+    )  # fmt: skip
     parser.add_argument("--threshold", type=float, default=None, help="default: the model's")
     parser.add_argument("--n-points", type=int, default=10_000, help="surface points per mesh")
     parser.add_argument("--views", type=int, default=None, help="views per object (default all)")
@@ -70,20 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # One level for both models, so a difference in meshes is the adapter's, not the threshold's.
     threshold = base.config.mc_threshold if args.threshold is None else args.threshold
-    common = {
-        "mc_resolution": args.mc_resolution,
-        "threshold": threshold,
-        "n_points": args.n_points,
-        "seed": args.seed,
-        "device": args.device,
-    }
-    records = {"sphere": sphere_records(dataset, args.n_points, args.seed)}
     meshes = args.output_dir / "meshes"
-    records["base"] = evaluate_model(base, dataset, mesh_dir=meshes / "base", name="base", **common)
-    if adapted is not None:
-        records["lora"] = evaluate_model(
-            adapted, dataset, mesh_dir=meshes / "lora", name="lora", **common
-        )
+    models = {"base": base} if adapted is None else {"base": base, "lora": adapted}
+    records = evaluate_models(
+        models, dataset, mc_resolution=args.mc_resolution, threshold=threshold,
+        n_points=args.n_points, seed=args.seed, mesh_dir=meshes, device=args.device,
+        mesh_method=args.mesh_method, pixel_stride=args.pixel_stride,
+    )  # fmt: skip
     settings = {
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "threshold_used": threshold,
