@@ -309,7 +309,7 @@ def test_time_budget_ends_the_run_with_a_final_validation_on_the_best_weights(
 ):
     # Steps end at 10, 20, 30 s: a 25 s budget is spent after step 3, a step boundary. The
     # final validation (0.6) comes after it; step 2's (0.4) stays the best and is kept.
-    scripted_validation(monkeypatch, [1.0, 0.4, 0.6])
+    scripted_validation(monkeypatch, [1.0, 0.4, 0.6, 0.9, 0.9, 0.9, 0.9])  # enough for 10 steps
     clock = StepClock(seconds_per_step=10.0)
     monkeypatch.setattr(train, "time", clock)
     model = lora_model(dropout=0.0)
