@@ -34,12 +34,14 @@ from utils.evaluation.metrics import (
 )
 
 # Marching cubes queries a coarse grid, then the full grid only near its surface crossings
-# (tsr/mesh.py): 4.5x fewer seconds than the dense 128^3 grid on the parts, the same mesh
-# unless a part is thinner than about 4 voxels or an island lies away from the rest.
+# (tsr/mesh.py): 4.6x fewer seconds than the dense 128^3 grid here. It misses parts thinner
+# than about 4 voxels and islands away from the rest: on the 60 test parts 4 base and 16 LoRA
+# (100 steps) meshes differed from the dense ones, by 0.002 Chamfer-L1 at most. "dense": all.
 MESH_METHOD = "coarse_to_fine"
 # Novel views are scored on every PIXEL_STRIDE-th pixel of every PIXEL_STRIDE-th row, a
-# regular grid (validation does the same): stride 2 renders a quarter of the rays, and PSNR,
-# mask IoU and colour error stay estimates of the whole image's. 1: every pixel.
+# regular grid (validation does the same): stride 2 renders a quarter of the rays. On the 60
+# test parts mean PSNR moved by 0.002 dB (0.04 dB at most per object), mask IoU by 0.0002;
+# stride 3 biased PSNR by +0.055 dB. 1: every pixel.
 PIXEL_STRIDE = 2
 
 
