@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ KERNEL_SETUP = (
     "import tqdm.auto, tqdm.std; tqdm.auto.tqdm, tqdm.auto.trange = tqdm.std.tqdm, tqdm.std.trange"
 )
 PROGRESS_EVERY_S = 15.0  # seconds between terminal lines of a running progress bar
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+CELL_FRAME = re.compile(r"Cell In\[\d+\], line (\d+)")  # IPython's name for a cell's frame
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,14 +91,17 @@ class Failure:
     cell_index: int  # position in the notebook, markdown cells included, 0-based
     cell_line: str  # the cell's first source line
     reason: str  # "timeout: ..." or "ExceptionName: message"
+    failing_line: str = ""  # "line 4: ...": the cell's line the exception came through
 
     def message(self, executed_copy: Path) -> str:
-        return (
+        lines = [
             f"FAILED {self.notebook}: code cell {self.cell_number} (In [{self.cell_number}], "
-            f"cell index {self.cell_index}): {self.cell_line}\n"
-            f"  reason: {self.reason}\n"
-            f"  executed copy, with the traceback under that cell: {executed_copy} (and .html)"
-        )
+            f"cell index {self.cell_index}): {self.cell_line}",
+            *([f"  at {self.failing_line}"] if self.failing_line else []),
+            f"  reason: {self.reason}",
+            f"  executed copy, with the traceback under that cell: {executed_copy} (and .html)",
+        ]
+        return "\n".join(lines)
 
 
 class ReportingClient(NotebookClient):
@@ -147,15 +153,19 @@ class ReportingClient(NotebookClient):
 
     def failure(self, error: Exception, timeout: int | None) -> Failure:
         cell = self.nb.cells[self.index] if self.index >= 0 else None
+        source = cell.source if cell else ""
+        failing_line = ""
         if isinstance(error, CellTimeoutError):
             reason = f"timeout: the cell ran longer than --cell-timeout {timeout} s"
         elif isinstance(error, CellExecutionError):
             reason = f"{error.ename}: {error.evalue}"
+            frame = CELL_FRAME.search(ANSI_COLOUR.sub("", error.traceback))
+            lines = source.splitlines()
+            if frame and 0 < int(frame.group(1)) <= len(lines):
+                failing_line = f"line {frame.group(1)}: {lines[int(frame.group(1)) - 1].strip()}"
         else:
             reason = f"{type(error).__name__}: {error}"
-        return Failure(
-            self.name, self.number, self.index, first_line(cell.source) if cell else "", reason
-        )
+        return Failure(self.name, self.number, self.index, first_line(source), reason, failing_line)
 
 
 def run(path: Path, out: Path, cell_timeout: int | None, kernel: str):

@@ -71,6 +71,7 @@ def test_the_failure_names_notebook_cell_reason_and_executed_copy(failed_run):
         "FAILED 01_raises: code cell 2 (In [2], cell index 2): "
         "DATA = 'data/no-such-set'  # a bad path"
     ) in done.stderr
+    assert "  at line 2: open(DATA + '/split.json')\n" in done.stderr  # where in the cell
     assert "reason: FileNotFoundError: [Errno 2] No such file or directory: " in done.stderr
     assert f"executed copy, with the traceback under that cell: {out / '01_raises.ipynb'}" in (
         done.stderr
