@@ -27,7 +27,9 @@ lab: $(STAMP)
 
 # The workbook end to end on the embedded default model, on the CPU: the six notebooks in
 # order, headless; executed copies and HTML in outputs/notebooks/, the adapter in
-# outputs_lora/workbook/, meshes and the evaluation table in outputs/workbook/.
+# outputs_lora/workbook/, meshes and the evaluation table in outputs/workbook/. The terminal
+# shows each cell as it starts and each progress bar as it runs; no cell has a time limit
+# (training has its own budget); a failing cell is named and fails the target.
 demo: $(STAMP)
 	$(PY) scripts/run_notebooks.py
 

@@ -189,6 +189,16 @@ def resume_with_other_views(tmp, env):
 
 
 @case
+def resume_on_other_data(tmp, env):
+    data = copy_of(env["data"], tmp)
+    split = json.loads((data / "split.json").read_text())
+    split["train"] = split["train"][1:]  # one training object fewer
+    (data / "split.json").write_text(json.dumps(split))
+    argv = [*QUICK, "--input_folder", str(data), "--resume", str(env["run"])]
+    return "fine_tuning", argv, ["last.pt", "train_objects '", "objects, ids sha256"]
+
+
+@case
 def resume_from_random_bytes(tmp, env):
     run = copy_of(env["run"], tmp)
     (run / "checkpoints" / "last.pt").write_bytes(np.random.default_rng(0).bytes(4096))

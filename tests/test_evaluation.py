@@ -11,12 +11,18 @@ import torch
 import trimesh
 from torch import nn
 
-from tsr.cameras import CAMERA_DISTANCE, FOVY_DEG, pixel_to_ray
+from tsr.cameras import CAMERA_DISTANCE, FOVY_DEG
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset
-from utils.evaluation import threshold
-from utils.evaluation.evaluate import evaluate_model, render_view, sphere_records
+from utils.evaluation import evaluate, threshold
+from utils.evaluation.evaluate import (
+    evaluate_model,
+    evaluate_models,
+    pixel_grid,
+    render_pixels,
+    sphere_records,
+)
 from utils.evaluation.report import compare, write_report
 
 
@@ -57,7 +63,7 @@ def test_evaluate_model_records_meshes_and_scores(shapes_dataset, tmp_path):
     model = TSR.from_pretrained("tiny")
     threshold = low_threshold(model, shapes_dataset)
     records = evaluate_model(
-        model, shapes_dataset, mc_resolution=24, threshold=threshold, n_points=1000,
+        model, shapes_dataset, name="tiny", mc_resolution=24, threshold=threshold, n_points=1000,
         mesh_dir=tmp_path / "meshes",
     )  # fmt: skip
     assert [r["object_id"] for r in records] == shapes_dataset.object_ids
@@ -66,22 +72,70 @@ def test_evaluate_model_records_meshes_and_scores(shapes_dataset, tmp_path):
         assert 0 <= record["f@0.05"] <= record["f@0.1"] <= 1
         assert record["chamfer_l1"] > 0 and math.isfinite(record["psnr"])
         assert 0 <= record["mask_iou"] <= 1 and 0 <= record["colour_error"] <= 2
+        assert record["mesh"] == str(tmp_path / "meshes" / "tiny" / f"{record['object_id']}.obj")
         saved = trimesh.load(record["mesh"], force="mesh")
         assert len(saved.faces) == record["n_faces"] > 0
 
 
-def test_render_view_puts_each_pixel_ray_in_its_place(shapes_dataset, monkeypatch):
-    monkeypatch.setattr(TSR.render_cameras, "__defaults__", (100,))  # chunks, not a multiple of W
+def test_pixel_grid_is_every_stride_th_pixel_centred_in_its_cell():
+    assert pixel_grid(4, 6, 2).tolist() == [
+        [1, 1], [1, 3], [1, 5], [3, 1], [3, 3], [3, 5]
+    ]  # fmt: skip
+    assert pixel_grid(2, 3, 1).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+
+
+def test_render_pixels_puts_each_pixel_ray_in_its_place(shapes_dataset, monkeypatch):
+    monkeypatch.setattr(evaluate, "RAY_CHUNK", 100)  # chunks that cut views and rows anywhere
     model = TSR.from_pretrained("tiny")
     item = shapes_dataset[0]
     code = model.encode(item["cond_image"][None])[0]
-    image = render_view(model, code, item, 1)
-    assert image["rgb"].shape == (32, 32, 3) and image["opacity"].shape == (32, 32, 1)
-    pixels = torch.tensor([[3, 7], [20, 11], [31, 0]])  # (row, column)
-    rays_o, rays_d = pixel_to_ray(item["c2w"][1], pixels, 32, 32, item["fovy_deg"])
-    with torch.no_grad():
-        expected = model.render_rays(code, rays_o, rays_d)["rgb"]
-    torch.testing.assert_close(image["rgb"][pixels[:, 0], pixels[:, 1]], expected)
+    with torch.no_grad():  # the oracle: whole images, rays from rays_from_c2w, not pixel_to_ray
+        images = model.render_cameras(code, item["c2w"][[1, 2]], item["fovy_deg"], 32, 32)
+    every = render_pixels(model, code, item, [1, 2], pixel_grid(32, 32, 1))
+    assert every["rgb"].shape == (2, 32 * 32, 3) and every["opacity"].shape == (2, 32 * 32, 1)
+    torch.testing.assert_close(every["rgb"], images["rgb"].reshape(2, -1, 3))
+    torch.testing.assert_close(every["opacity"], images["opacity"].reshape(2, -1, 1))
+    quarter = render_pixels(model, code, item, [1, 2], pixel_grid(32, 32, 2))
+    torch.testing.assert_close(quarter["rgb"], images["rgb"][:, 1::2, 1::2].reshape(2, -1, 3))
+
+
+def test_one_pass_reads_each_object_once_and_scores_as_separate_runs(
+    shapes_dataset, tmp_path, monkeypatch
+):
+    model, other = TSR.from_pretrained("tiny"), TSR.from_pretrained("tiny")
+    with torch.no_grad():  # a second model, as an adapter would make it: other scene codes
+        for parameter in other.backbone.parameters():
+            parameter.mul_(1.05)
+    settings = dict(mc_resolution=20, threshold=low_threshold(model, shapes_dataset), n_points=500)
+    # the oracle: each model, and the sphere, evaluated on its own
+    alone = {
+        "sphere": sphere_records(shapes_dataset, 500),
+        "a": evaluate_model(model, shapes_dataset, **settings),
+        "b": evaluate_model(other, shapes_dataset, **settings),
+    }
+    reads = {"items": 0, "meshes": 0}
+    read_item, read_mesh = MultiViewDataset.__getitem__, evaluate.load_mesh
+
+    def counted_item(dataset, index):
+        reads["items"] += 1
+        return read_item(dataset, index)
+
+    def counted_mesh(path):
+        reads["meshes"] += 1
+        return read_mesh(path)
+
+    monkeypatch.setattr(MultiViewDataset, "__getitem__", counted_item)
+    monkeypatch.setattr(evaluate, "load_mesh", counted_mesh)
+    together = evaluate_models({"a": model, "b": other}, shapes_dataset, **settings)
+    assert reads == {"items": len(shapes_dataset), "meshes": len(shapes_dataset)}
+    assert list(together) == ["sphere", "a", "b"]
+    for name, records in alone.items():
+        for one, shared in zip(records, together[name], strict=True):
+            assert {k: v for k, v in one.items() if k != "seconds"} == pytest.approx(
+                {k: v for k, v in shared.items() if k != "seconds"}, nan_ok=True
+            )
+    with pytest.raises(ValueError, match="names the baseline"):
+        evaluate_models({"sphere": model}, shapes_dataset, **settings)
 
 
 def test_an_empty_mesh_is_recorded_and_reported(shapes_dataset, tmp_path):

@@ -114,3 +114,28 @@ def test_chromaticity_error_sees_hue_not_brightness():
     wrong_outside[0] = torch.tensor([0.0, 0.0, 1.0])  # off the object: not counted
     assert float(chromaticity_error(wrong_outside, red, mask)) == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(float(chromaticity_error(grey, red, torch.zeros(8, 8))))
+
+
+def test_mesh_metrics_match_brute_force_distances():
+    """Every distance metric from one nearest-neighbour query each way equals the definitions
+    computed from the full distance matrix."""
+    rng = np.random.default_rng(0)
+    predicted, truth = rng.normal(size=(300, 3)) * 0.3, rng.normal(size=(200, 3)) * 0.3 + 0.05
+
+    def brute(p: np.ndarray, g: np.ndarray, taus) -> tuple[float, list[float]]:
+        distances = np.linalg.norm(p[:, None] - g[None], axis=-1)  # (P, G)
+        to_g, to_p = distances.min(1), distances.min(0)
+        scores = []
+        for tau in taus:
+            precision, recall = (to_g < tau).mean(), (to_p < tau).mean()
+            scores.append(2 * precision * recall / (precision + recall))
+        return 0.5 * (to_g.mean() + to_p.mean()), scores
+
+    metrics = mesh_metrics(predicted, truth)
+    chamfer, scores = brute(predicted, truth, (0.05, 0.1))
+    assert metrics["chamfer_l1"] == pytest.approx(chamfer, rel=1e-12)
+    assert [metrics["f@0.05"], metrics["f@0.1"]] == pytest.approx(scores, rel=1e-12)
+    chamfer, scores = brute(course_normalise(predicted), course_normalise(truth), (0.1, 0.2, 0.5))
+    assert metrics["course_chamfer"] == pytest.approx(2 * chamfer, rel=1e-12)
+    course = [metrics[f"course_f@{tau:g}"] for tau in (0.1, 0.2, 0.5)]
+    assert course == pytest.approx(scores, rel=1e-12)

@@ -47,7 +47,9 @@ class CameraColourModel(nn.Module):
         ones = torch.ones(*rays_o.shape[:-1], 1)
         return {"rgb": camera_colour(rays_o), "opacity": ones, "depth": ones}
 
-    def extract_mesh(self, scene_codes, has_vertex_color=True, resolution=256, threshold=None):
+    def extract_mesh(
+        self, scene_codes, has_vertex_color=True, resolution=256, threshold=None, method="auto"
+    ):
         return [self.mesh.copy() for _ in scene_codes]
 
 

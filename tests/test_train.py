@@ -16,7 +16,7 @@ from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset, sample_rays
 from utils.evaluation import metrics
-from utils.training import checkpoint, losses, setup, train
+from utils.training import adapters, checkpoint, losses, setup, train
 from utils.training.adapters import load_adapter
 from utils.training.bookkeeping import BestWeights
 from utils.training.config import TrainConfig
@@ -265,7 +265,7 @@ def test_early_stopping_ends_on_the_best_validation(datasets, tmp_path, monkeypa
         model, datasets["train"], config, val_dataset=datasets["val"],
         callbacks=[snapshots], output_dir=tmp_path,
     )  # fmt: skip
-    assert (result.steps, result.best_step, result.stopped_early) == (3, 1, True)
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 1, "early_stopping")
     assert sorted(snapshots.by_step) == [0, 1, 2, 3]  # never saw the 0.1 of step 4
     final = lora_state_dict(model)
     for key, value in snapshots.by_step[1].items():
@@ -287,7 +287,7 @@ def test_an_adapter_that_never_helps_ends_as_the_base_model(datasets, tmp_path, 
         model, datasets["train"], config, val_dataset=datasets["val"],
         callbacks=[snapshots], output_dir=tmp_path,
     )  # fmt: skip
-    assert (result.steps, result.best_step, result.stopped_early) == (3, 0, False)
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 0, "max_steps")
     lora_b = [v for k, v in lora_state_dict(model).items() if "lora_B" in k]
     assert lora_b and all(not v.any() for v in lora_b)  # B = 0: the adapter adds nothing
 
@@ -334,7 +334,7 @@ def test_early_stopping_on_psnr_ends_on_the_highest(datasets, tmp_path, monkeypa
         model, datasets["train"], config, val_dataset=datasets["val"],
         callbacks=[snapshots], output_dir=tmp_path,
     )  # fmt: skip
-    assert (result.steps, result.best_step, result.stopped_early) == (3, 1, True)
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 1, "early_stopping")
     final = lora_state_dict(model)
     for key, value in snapshots.by_step[1].items():
         assert torch.equal(final[key], value), key
@@ -367,6 +367,58 @@ def test_a_resumed_run_keeps_the_best_validation_from_before_the_interruption(
     final = lora_state_dict(resumed)
     for key, value in snapshots.by_step[1].items():
         assert torch.equal(final[key], value), key
+
+
+class StepClock:
+    """A clock for fit() that only moves when a step ends: `seconds_per_step` each time."""
+
+    def __init__(self, seconds_per_step: float):
+        self.now, self.seconds_per_step = 0.0, seconds_per_step
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def on_step(self, step, metrics):
+        self.now += self.seconds_per_step
+
+
+def test_time_budget_ends_the_run_with_a_final_validation_on_the_best_weights(
+    datasets, tmp_path, monkeypatch, capsys
+):
+    # Steps end at 10, 20, 30 s: a 25 s budget is spent after step 3, a step boundary. The
+    # final validation (0.6) comes after it; step 2's (0.4) stays the best and is kept.
+    scripted_validation(monkeypatch, [1.0, 0.4, 0.6, 0.9, 0.9, 0.9, 0.9])  # enough for 10 steps
+    clock = StepClock(seconds_per_step=10.0)
+    monkeypatch.setattr(train, "time", clock)
+    model = lora_model(dropout=0.0)
+    snapshots = AdapterSnapshots(model)
+    config = quick_config(max_steps=10, val_every=2, lr=1e-2, time_budget_s=25.0)
+    result = fit(
+        model, datasets["train"], config, val_dataset=datasets["val"],
+        callbacks=[clock, snapshots], output_dir=tmp_path,
+    )  # fmt: skip
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 2, "time_budget")
+    assert sorted(snapshots.by_step) == [0, 2, 3]  # the final validation ran, off-schedule
+    final = lora_state_dict(model)
+    assert all(torch.equal(final[k], v) for k, v in snapshots.by_step[2].items())
+    assert checkpoint.load_checkpoint(tmp_path)["step"] == 3  # a resume continues from here
+    metadata = json.loads((result.artefact / adapters.TSR_METADATA).read_text())
+    assert metadata["stopped_by"] == "time_budget" and metadata["steps"] == 3
+    assert "time budget of 25 s spent at step 3 of 10" in capsys.readouterr().out
+
+
+def test_a_budget_longer_than_the_run_changes_nothing(datasets, tmp_path, monkeypatch):
+    clock = StepClock(seconds_per_step=10.0)
+    monkeypatch.setattr(train, "time", clock)
+    config = quick_config(max_steps=3, time_budget_s=30.0)  # spent exactly at the last step
+    result = fit(lora_model(), datasets["train"], config, callbacks=[clock], output_dir=tmp_path)
+    assert (result.steps, result.stopped_by) == (3, "max_steps")
+
+
+@pytest.mark.parametrize("budget", [0.0, -5.0, math.nan, math.inf])
+def test_time_budget_must_be_a_positive_number_of_seconds(budget):
+    with pytest.raises(ValueError, match=r"time_budget_s=.* \(must be a number of seconds > 0"):
+        TrainConfig(time_budget_s=budget)
 
 
 def test_early_stopping_metric_is_checked(datasets, tmp_path):

@@ -169,7 +169,11 @@ def compare_lora_settings(
         model = lora.add_lora(TSR.from_pretrained(model_name), **settings).to(device)
         trainable = lora.trainable_parameter_report(model)["trainable"]
         start = time.perf_counter()
-        result = fit(model, train, config, val_dataset=val, output_dir=Path(output_dir) / name)
+        # throwaway runs: a second run of the notebook replaces them (overwrite)
+        result = fit(
+            model, train, config, val_dataset=val, output_dir=Path(output_dir) / name,
+            overwrite=True,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
         first, *_, last = [record for record in result.history if "val_loss" in record]
         rows.append({

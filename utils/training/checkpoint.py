@@ -1,5 +1,5 @@
 """Training checkpoints (trainable weights, optimiser, scheduler, step, RNG states) and the
-run folder's bookkeeping files.
+run folder's bookkeeping files: the settings a run records and a resume must match.
 
 A checkpoint holds exactly what `fit` needs to continue as if never stopped, so a run
 interrupted and resumed ends with the same weights as an uninterrupted one. Files are
@@ -9,6 +9,8 @@ checkpoint intact, never a half-written one.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +23,9 @@ from torch import nn
 
 from tsr.errors import UserInputError, brief
 from tsr.files import save_torch, write_text
+from tsr.model import TSR
+from utils.training import lora
+from utils.training.config import TrainConfig
 
 CHECKPOINT_NAME = "last.pt"  # <run>/checkpoints/last.pt, replaced at every save
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "scheduler", "rng", "config"}
@@ -246,3 +251,28 @@ def resume(model, optimizer, scheduler, generator, settings: dict, config, rank:
     refuse_resume_conflicts(checkpoint["config"], settings, checkpoint["path"])
     step = restore_checkpoint(checkpoint, model, optimizer, scheduler, generator, rank)
     return step, checkpoint.get("best")
+
+
+def run_settings(model: TSR, config: TrainConfig, train_dataset) -> dict:
+    """What a checkpoint records and a resumed run must match: the config, the LoRA settings
+    and the training data: the supervision views per object (fine_tuning.py's --views) and
+    which objects, in order (another --input_folder or split would train on other data)."""
+    ids = getattr(train_dataset, "object_ids", None)
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12] if ids else None
+    return {
+        **dataclasses.asdict(config),
+        "lora": lora.lora_settings(model),
+        "supervision_views": getattr(train_dataset, "n_supervision_views", None),
+        "train_objects": f"{len(ids)} objects, ids sha256 {digest}" if ids else None,
+    }
+
+
+def resolved_config(model: TSR, config: TrainConfig, setup, n_objects, world) -> dict:
+    """config.json: the config as run, with everything fit() chose itself."""
+    return {
+        **dataclasses.asdict(config), "max_steps": setup.total_steps, "world_size": world,
+        "grad_checkpointing": setup.grad_checkpointing, "bf16_autocast": setup.use_bf16,
+        "occupancy_level": setup.occupancy_level, "n_train_objects": n_objects,
+        "lora": lora.trainable_parameter_report(model),
+        "model_source": getattr(model, "source", None), "model_config": model.config.to_dict(),
+    }  # fmt: skip

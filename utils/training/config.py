@@ -41,6 +41,9 @@ class TrainConfig:
     weight_decay: float = 1e-2  # AdamW decoupled weight decay (torch's default)
     max_steps: int | None = None  # optimiser steps; None: epochs x steps per epoch
     epochs: int = 100  # passes over the training objects when max_steps is None (course CLI)
+    # A bound on wall-clock time as well as on steps: a slow or busy machine trains fewer steps
+    # instead of running longer. Checked at step boundaries; a final validation follows.
+    time_budget_s: float | None = None  # seconds per fit() call, validations in; None: no limit
     warmup_fraction: float = 0.05  # linear warm-up over this share of the steps, then cosine
     min_lr_ratio: float = 0.1  # the cosine ends at lr x this, not 0: late steps still learn
     grad_clip: float = 1.0  # max global gradient norm (the course project's)
@@ -100,6 +103,10 @@ class TrainConfig:
             "weight_decay": (_non_negative(self.weight_decay), ">= 0"),
             "max_steps": (self.max_steps is None or self.max_steps >= 1, ">= 1 or None"),
             "epochs": (self.epochs >= 1, ">= 1"),
+            "time_budget_s": (
+                self.time_budget_s is None or _positive(self.time_budget_s),
+                "a number of seconds > 0, or None for no limit",
+            ),
             "warmup_fraction": (0 <= self.warmup_fraction < 1, "in [0, 1)"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             "grad_clip": (_positive(self.grad_clip), "> 0"),

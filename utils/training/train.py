@@ -9,7 +9,6 @@ optimiser and scheduler step -> log -> validate -> checkpoint. Only rank 0 write
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,11 +21,20 @@ from tqdm.auto import tqdm
 from tsr.model import TSR
 from utils.data.dataset import sample_patches, sample_rays
 from utils.evaluation.validate import validate
-from utils.training import adapters, lora
-from utils.training.bookkeeping import BestWeights, Checkpoints, RunLog
+from utils.training import adapters
+from utils.training.bookkeeping import (
+    BestWeights,
+    Checkpoints,
+    RunLog,
+    ending_message,
+    refuse_non_finite,
+    run_ending,
+)
 from utils.training.checkpoint import (
     CHECKPOINT_NAME,
+    resolved_config,
     resume,
+    run_settings,
     start_afresh,
     start_run_folder,
 )
@@ -44,7 +52,7 @@ class TrainResult:
     history: list[dict]  # every metrics record of this run (train and validation)
     artefact: Path | None  # the adapter folder (lora) or model folder (full); None on ranks > 0
     best_step: int | None = None  # the validation whose weights the artefact holds
-    stopped_early: bool = False
+    stopped_by: str = "max_steps"  # what ended it: "max_steps", "early_stopping", "time_budget"
 
 
 SURFACE_BAND = 0.05  # labelled points this close to the surface supervise its colour
@@ -102,6 +110,19 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def _forward_backward(model, dataset, step, config, setup, rank, world, generator, lpips) -> dict:
+    """Gradients of one optimiser step, over its micro-batches. -> the step's mean loss terms"""
+    sums: dict[str, float] = {}
+    for accumulation in range(config.grad_accum_steps):
+        micro_batch = step * config.grad_accum_steps + accumulation
+        items = _micro_batch(dataset, micro_batch, config, rank, world)
+        losses = _forward(model, items, config, setup, generator, lpips)
+        loss = torch.stack([terms["loss"] for terms in losses]).mean()
+        (loss / config.grad_accum_steps).backward()
+        _add_means(sums, losses, config.grad_accum_steps)
+    return sums
+
+
 def _validate(model: TSR, dataset, config: TrainConfig) -> dict[str, float]:
     """Validation measures the training's render loss (no LPIPS: its rays are no patches)."""
     weights = config.loss_weights()
@@ -119,30 +140,12 @@ def _validation(model, dataset, config, step, log: RunLog, best: BestWeights, wo
     return best.update(record, step, model, world)
 
 
-def run_settings(model: TSR, config: TrainConfig, train_dataset) -> dict:
-    """What a checkpoint records and a resumed run must match: the config, the LoRA settings
-    and the supervision views per object (a dataset setting: fine_tuning.py's --views)."""
-    return {
-        **dataclasses.asdict(config),
-        "lora": lora.lora_settings(model),
-        "supervision_views": getattr(train_dataset, "n_supervision_views", None),
-    }
-
-
-def _resolved_config(model: TSR, config: TrainConfig, setup: Setup, n_objects, world) -> dict:
-    """config.json: the config as run, with everything fit() chose itself."""
-    return {
-        **dataclasses.asdict(config), "max_steps": setup.total_steps, "world_size": world,
-        "grad_checkpointing": setup.grad_checkpointing, "bf16_autocast": setup.use_bf16,
-        "occupancy_level": setup.occupancy_level, "n_train_objects": n_objects,
-        "lora": lora.trainable_parameter_report(model),
-        "model_source": getattr(model, "source", None), "model_config": model.config.to_dict(),
+def _save_artefact(model, config: TrainConfig, run_dir: Path, step: int, best_step, stopped_by):
+    """The adapter (lora, peft format) or the whole model (full), and loss.png. -> its path"""
+    extra = {
+        "train_config": dataclasses.asdict(config), "steps": step, "best_step": best_step,
+        "stopped_by": stopped_by,
     }  # fmt: skip
-
-
-def _save_artefact(model: TSR, config: TrainConfig, run_dir: Path, step: int, best_step) -> Path:
-    """The adapter (lora, peft format) or the whole model (full), and loss.png."""
-    extra = {"train_config": dataclasses.asdict(config), "steps": step, "best_step": best_step}
     if config.train_mode == "lora":
         artefact = adapters.save_adapter(model, run_dir / "adapter", extra_metadata=extra)
     else:
@@ -192,6 +195,7 @@ def fit(
     A folder that already holds a run is continued (config.resume_from) or, only with
     `overwrite`, cleared of it first; otherwise fit() refuses before any work.
     """
+    started = time.perf_counter()  # the time budget counts from here
     rank, world = distributed()
     run_dir = Path(output_dir)
     if not config.resume_from:
@@ -216,28 +220,24 @@ def fit(
         step if config.resume_from else None,
     )  # fmt: skip
     if rank == 0:
-        resolved = _resolved_config(model, config, setup, len(train_dataset), world)
+        resolved = resolved_config(model, config, setup, len(train_dataset), world)
         start_run_folder(run_dir, resolved, step)
     # closed on any way out (an error included), so a message is not glued to the bar
     with tqdm(
         total=setup.total_steps, initial=step, disable=not (rank == 0 and config.progress)
     ) as progress:
-        stopped_early = False
+        stopped_by = "max_steps"
         model.train()
         if val_dataset is not None and step == 0:  # the starting point of the curves
             _validation(model, val_dataset, config, 0, log, best, world)
         while step < setup.total_steps:
-            started = time.perf_counter()
+            step_started = time.perf_counter()
             # ---- forward and backward over the micro-batches of this step
             optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            for accumulation in range(config.grad_accum_steps):
-                micro_batch = step * config.grad_accum_steps + accumulation
-                items = _micro_batch(train_dataset, micro_batch, config, rank, world)
-                losses = _forward(model, items, config, setup, data_generator, lpips_network)
-                loss = torch.stack([terms["loss"] for terms in losses]).mean()
-                (loss / config.grad_accum_steps).backward()
-                _add_means(sums, losses, config.grad_accum_steps)
+            sums = _forward_backward(
+                model, train_dataset, step, config, setup, rank, world, data_generator,
+                lpips_network,
+            )  # fmt: skip
 
             # ---- average gradients and logged losses over processes (DDP)
             if world > 1:
@@ -245,12 +245,7 @@ def fit(
 
             # ---- stop on a non-finite loss or gradient, before it reaches the weights
             grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.trainable, config.grad_clip))
-            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-                raise FloatingPointError(
-                    f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: "
-                    f"training stopped. The last good checkpoint is {checkpoints.last()}; resume "
-                    "from it with a lower --lr, or check the data of this step"
-                )
+            refuse_non_finite(sums, grad_norm, step, checkpoints)
 
             # ---- optimiser and schedule
             lr = optimizer.param_groups[0]["lr"]
@@ -259,35 +254,40 @@ def fit(
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{sums['loss']:.4f}")
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - step_started
             record = {"step": step, "lr": lr, "grad_norm": grad_norm, "seconds": seconds}
             log({**record, **sums}, "on_step")
 
-            # ---- validation and mesh metrics (rank 0), checkpoint
-            last = step == setup.total_steps
-            if val_dataset is not None and (last or _every(step, config.val_every)):
-                stopped_early = _validation(model, val_dataset, config, step, log, best, world)
-                stopped_early, last = stopped_early and not last, last or stopped_early
+            # ---- validation and mesh metrics (rank 0), checkpoint; the end: last step, budget
+            ending = run_ending(
+                step, setup.total_steps, time.perf_counter() - started, config, world
+            )
+            if val_dataset is not None and (ending or _every(step, config.val_every)):
+                patience_out = _validation(model, val_dataset, config, step, log, best, world)
+                ending = ending or ("early_stopping" if patience_out else None)
             if rank == 0 and mesh_metrics is not None and _every(step, config.mesh_every):
                 mesh_record = {f"val_{k}": v for k, v in mesh_metrics(model, val_dataset).items()}
                 log({"step": step, **mesh_record}, "on_validation")
-            if last or _every(step, config.checkpoint_every):
+            if ending or _every(step, config.checkpoint_every):
                 checkpoints.save(
                     step, model, optimizer, scheduler, data_generator, settings, best.state
                 )
-            if stopped_early:
-                print(best.stopping_message(step)) if rank == 0 else None
+            if ending:
+                stopped_by = ending
                 break
+    message = ending_message(stopped_by, step, setup.total_steps, config, best)
+    if rank == 0 and message:
+        print(message)
     if config.restore_best:  # the artefact holds the best validation's weights, not the last
         best.restore(model, step)
 
     # ---- final artefacts
     artefact = None
     if rank == 0:
-        artefact = _save_artefact(model, config, run_dir, step, best.step)
+        artefact = _save_artefact(model, config, run_dir, step, best.step, stopped_by)
         log.event("on_end")
     model.eval()
     return TrainResult(
         run_dir=run_dir, steps=step, history=log.history, artefact=artefact,
-        best_step=best.step, stopped_early=stopped_early,
+        best_step=best.step, stopped_by=stopped_by,
     )  # fmt: skip
