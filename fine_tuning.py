@@ -261,9 +261,9 @@ def load_datasets(folder: Path, layout: str, n_views: int, model: TSR, seed: int
 def settings_to_resume(
     parser: ArgumentParser, args: argparse.Namespace, argv: list[str] | None, checkpoint: str
 ) -> tuple[TrainConfig, dict, int]:
-    """The run's TrainConfig, LoRA settings and supervision views from its checkpoint,
-    changed where a flag was typed; a change a resumed run cannot make is refused here,
-    before any work. -> (config, LoRA settings, views)"""
+    """The run's TrainConfig, base model, LoRA settings and supervision views from its
+    checkpoint, changed where a flag was typed; a change a resumed run cannot make is refused
+    here, before any work. -> (config, base model, LoRA settings, views)"""
     saved = load_checkpoint(checkpoint, mmap=True)["config"]
     given = given_flags(parser, argv)
     config = resumed_config(args, given, saved, checkpoint)
@@ -276,11 +276,15 @@ def settings_to_resume(
     if "targets" in given:
         settings["targets"] = args.targets  # a preset: fit() compares the layers it names
     views = args.views if "views" in given else saved.get("supervision_views") or args.views
+    pretrained = args.pretrained
+    if "pretrained" not in given and saved.get("base_model"):
+        pretrained = saved["base_model"]
     # targets stay the run's here: a preset's layers are compared by fit() once resolved
     wanted_lora = {**saved_lora, **{k: settings[k] for k in ("r", "alpha", "dropout")}}
-    wanted = {**dataclasses.asdict(config), "supervision_views": views, "lora": wanted_lora}
+    wanted = {**dataclasses.asdict(config), "supervision_views": views, "lora": wanted_lora,
+              "base_model": pretrained}  # fmt: skip
     refuse_resume_conflicts(saved, wanted, checkpoint)
-    return config, settings, views
+    return config, pretrained, settings, views
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -291,8 +295,11 @@ def main(argv: list[str] | None = None) -> Path:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     run_dir, resume_from = resolve_run(args)
     if resume_from:
-        config, lora_settings, views = settings_to_resume(parser, args, argv, resume_from)
+        config, pretrained, lora_settings, views = settings_to_resume(
+            parser, args, argv, resume_from
+        )
     else:
+        pretrained = args.pretrained
         config = train_config(args, None)
         lora_settings = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout,
                          "targets": args.targets}  # fmt: skip
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> Path:
     folder = Path(args.input_folder)
     layout = check_input_folder(folder)
 
-    model = TSR.from_pretrained(args.pretrained)
+    model = TSR.from_pretrained(pretrained)
     if config.train_mode == "lora":
         lora.add_lora(model, **lora_settings, seed=config.seed)
     model.to(device)

@@ -189,6 +189,13 @@ def resume_with_other_views(tmp, env):
 
 
 @case
+def resume_on_another_base_model(tmp, env):
+    argv = [*QUICK, "--input_folder", str(env["data"]), "--resume", str(env["run"]),
+            "--pretrained", "classroom"]  # fmt: skip
+    return "fine_tuning", argv, ["last.pt", "base_model 'tiny' -> 'classroom'"]
+
+
+@case
 def resume_on_other_data(tmp, env):
     data = copy_of(env["data"], tmp)
     split = json.loads((data / "split.json").read_text())
@@ -520,11 +527,13 @@ def test_a_resume_takes_the_runs_settings_not_the_defaults(env):
     argv = ["--input_folder", str(env["data"]), "--resume", str(env["run"])]
     args = fine_tuning["build_parser"]().parse_args(argv)
     checkpoint = str(env["run"] / "checkpoints" / "last.pt")
-    config, lora, views = fine_tuning["settings_to_resume"](
+    config, pretrained, lora, views = fine_tuning["settings_to_resume"](
         fine_tuning["build_parser"](), args, argv, checkpoint
     )
     assert (views, lora["r"], config.rays_per_object, config.max_steps) == (2, 4, 32, 1)
+    assert pretrained == "tiny"  # the run's base model, not the default
     assert args.views == 4 and args.r == 16 and args.rays is None  # the defaults it ignores
+    assert args.pretrained != "tiny"
 
 
 def test_same_seed_same_adapter_bytes(env, tmp_path):

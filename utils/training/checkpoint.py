@@ -254,13 +254,14 @@ def resume(model, optimizer, scheduler, generator, settings: dict, config, rank:
 
 
 def run_settings(model: TSR, config: TrainConfig, train_dataset) -> dict:
-    """What a checkpoint records and a resumed run must match: the config, the LoRA settings
-    and the training data: the supervision views per object (fine_tuning.py's --views) and
+    """What a checkpoint records and a resumed run must match: the config, the base model, the
+    LoRA settings and the training data: the supervision views per object (fine_tuning.py's --views) and
     which objects, in order (another --input_folder or split would train on other data)."""
     ids = getattr(train_dataset, "object_ids", None)
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12] if ids else None
     return {
         **dataclasses.asdict(config),
+        "base_model": getattr(model, "source", None),  # a shipped name, folder or Hub id
         "lora": lora.lora_settings(model),
         "supervision_views": getattr(train_dataset, "n_supervision_views", None),
         "train_objects": f"{len(ids)} objects, ids sha256 {digest}" if ids else None,
