@@ -3,6 +3,7 @@
 import io
 import json
 import math
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -85,6 +86,35 @@ def test_live_plot_in_a_notebook_updates_one_output_in_place(monkeypatch):
     assert len(displayed) == 1  # one output, never a new one per step
     assert Handle.updates == 2  # validation and end redraw it in place
     assert displayed[0].data.startswith(b"\x89PNG")
+
+
+def test_live_plot_spends_at_most_its_share_of_the_time_drawing(monkeypatch):
+    """A clock that moves 0.1 s per training step and 0.5 s per redraw: over 1000 steps
+    (100 s of training) a 5 % share allows about 5 s of drawing, 10 redraws, where redrawing
+    every second would have drawn 100 times."""
+    clock = {"now": 0.0}
+
+    def slow_png(figure):
+        clock["now"] += 0.5
+        return b"\x89PNG"
+
+    monkeypatch.setattr(curves, "_in_notebook", lambda: True)
+    monkeypatch.setattr(curves.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(curves, "figure_png", slow_png)
+    monkeypatch.setattr(
+        "IPython.display.display",
+        lambda obj, display_id=False: SimpleNamespace(update=lambda image: None),
+    )
+    live = curves.LivePlot(min_interval_s=1.0, max_draw_share=0.05)
+    draws = 0
+    for step in range(1000):
+        before = clock["now"]
+        live.on_step(step, {"loss": 1.0})
+        draws += clock["now"] > before
+        clock["now"] += 0.1
+    drawing = draws * 0.5
+    assert drawing / clock["now"] <= 0.05 + 0.5 / clock["now"]  # the share, give or take one
+    assert draws >= 9  # and it still redraws as the run goes on
 
 
 def test_plot_loss_curves_writes_a_file_and_displays_nothing(tmp_path, monkeypatch):
