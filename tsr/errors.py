@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -128,6 +128,20 @@ non_negative_float = flag_check(
 probability = flag_check(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 fraction = flag_check(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 grid_resolution = flag_check(int, lambda v: v >= 2, "an integer >= 2 (grid points per axis)")
+
+
+def refuse_out_of_range(
+    what: str, values: Mapping[str, object], rules: Mapping[str, tuple[bool, str]], fix: str
+) -> None:
+    """One UserInputError naming every setting whose rule fails, with what it must be:
+    rules {name: (ok, "an integer >= 1")}, values {name: value}; `what`: "training settings"."""
+    wrong = [name for name, (ok, _) in rules.items() if not ok]
+    if wrong:
+        raise UserInputError(
+            f"{what} out of range: "
+            + "; ".join(f"{n}={values[n]!r} (must be {rules[n][1]})" for n in wrong),
+            ", ".join(wrong), fix,
+        )  # fmt: skip
 
 
 def check_device(name: str, flag: str = "--device") -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tsr.errors import UserInputError
+from tsr.errors import UserInputError, refuse_out_of_range
 from tsr.files import write_text
 from utils.data.materials import UNTEXTURED_COLOUR, untextured_setting
 from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, geometry_problem, input_up_axis, read_mesh
@@ -147,7 +147,7 @@ def prepare_dataset(
     occupancy points were labelled. `input_up`: files other than glTF (y-up by
     specification); `untextured`: colour of faces without one, or "palette" (prepare_object)."""
     out = Path(out)
-    _check_settings(
+    refuse_out_of_range("dataset settings", locals(), dict(
         n_views=(axis_views or n_views >= MIN_VIEWS, f"an integer >= {MIN_VIEWS}"),
         size=(size >= MIN_SIZE, f"an integer >= {MIN_SIZE}"),
         n_objects=(input_folder is not None or n_objects >= 1, "an integer >= 1"),
@@ -155,8 +155,7 @@ def prepare_dataset(
         occupancy_points=(occupancy_points >= 0, "an integer >= 0 (0: none)"),
         workers=(workers is None or workers >= 1, "an integer >= 1, or None for all cores"),
         input_up=(input_up in ("z", "y"), "'z' or 'y'"),
-        values=locals(),
-    )
+    ), "change them to values in range")  # fmt: skip
     jobs = folder_jobs(input_folder) if input_folder else procedural_jobs(list(families), n_objects)
     options = {
         "n_views": n_views,
@@ -242,17 +241,6 @@ def prepare_dataset(
         "seconds": seconds, "views_per_second": views_done / seconds if seconds > 0 else 0.0,
         "occupancy_labels": occupancy,
     }  # fmt: skip
-
-
-def _check_settings(values: dict, **rules: tuple[bool, str]) -> None:
-    """Refuse every setting out of range at once, before anything is built."""
-    wrong = [name for name, (ok, _) in rules.items() if not ok]
-    if wrong:
-        raise UserInputError(
-            "dataset settings out of range: "
-            + "; ".join(f"{n}={values[n]!r} (must be {rules[n][1]})" for n in wrong),
-            ", ".join(wrong), "change them to values in range",
-        )  # fmt: skip
 
 
 def occupancy_summary(metas: dict[str, dict]) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from tsr.errors import UserInputError
+from tsr.errors import refuse_out_of_range
 
 HIGHER_IS_BETTER = ("val_psnr", "val_mask_iou")  # validation metrics where more is better
 EARLY_STOPPING_METRICS = ("val_loss", *HIGHER_IS_BETTER)
@@ -132,13 +132,10 @@ class TrainConfig:
                 False,
                 "> 0, or set lambda_occupancy > 0 to train on 3D points only",
             )
-        wrong = [name for name, (ok, _) in rules.items() if not ok]
-        if wrong:
-            raise UserInputError(
-                "training settings out of range: "
-                + "; ".join(f"{n}={getattr(self, n)!r} (must be {rules[n][1]})" for n in wrong),
-                ", ".join(wrong), "change them to values in range (see utils/training/config.py)",
-            )  # fmt: skip
+        refuse_out_of_range(
+            "training settings", dataclasses.asdict(self), rules,
+            "change them to values in range (see utils/training/config.py)",
+        )  # fmt: skip
 
     def loss_weights(self) -> dict[str, float]:
         return {
