@@ -520,6 +520,15 @@ def test_a_diverging_run_stops_with_the_message(env, tmp_path):
         fit(model, dataset, config, output_dir=tmp_path / "run")
 
 
+def test_a_diverging_cli_run_is_a_named_error(env, tmp_path, capsys):
+    argv = [*QUICK, "--input_folder", str(env["data"]), "--output_dir", str(tmp_path),
+            "--lr", "1e10", "--lambda_mask", "1", "--max_steps", "5", "--warmup_fraction", "0"]  # fmt: skip
+    assert run_cli(MAINS["fine_tuning"], argv) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error, error
+    assert error.startswith("error: non-finite loss") and "(--lr): no checkpoint yet" in error
+
+
 def test_a_resume_takes_the_runs_settings_not_the_defaults(env):
     """A resumed run killed and continued with only --resume used to train on with the
     default --views (4, not the run's 2) and ended on another adapter than a straight run."""

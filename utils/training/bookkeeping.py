@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tsr.errors import UserInputError
 from tsr.files import append_text
 from utils.training.checkpoint import capture_rng_states, save_checkpoint, trainable_state
 from utils.training.config import HIGHER_IS_BETTER, TrainConfig
@@ -104,15 +105,27 @@ class Checkpoints:
         return f"{self.path} (step {self.saved[-1]})" if self.saved else "none yet"
 
 
+class TrainingDiverged(UserInputError, FloatingPointError):
+    """A non-finite loss or gradient stopped training: a user's setting (most often --lr) or
+    data, so the CLIs report it as a named error; a FloatingPointError as well."""
+
+
 def refuse_non_finite(sums: dict, grad_norm: float, step: int, checkpoints) -> None:
     """Stop on a non-finite loss or gradient, before it reaches the weights."""
     if math.isfinite(sums["loss"]) and math.isfinite(grad_norm):
         return
-    raise FloatingPointError(
-        f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: "
-        f"training stopped. The last good checkpoint is {checkpoints.last()}; resume "
-        "from it with a lower --lr, or check the data of this step"
-    )
+    what = f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: training stopped"
+    if checkpoints.saved:
+        where, fix = (
+            checkpoints.last(),
+            "resume from it with a lower --lr, or check the data of this step",
+        )
+    else:
+        where, fix = (
+            "--lr",
+            "no checkpoint yet: start again with a lower --lr, or check the data of this step",
+        )
+    raise TrainingDiverged(what, where, fix)
 
 
 def run_ending(
