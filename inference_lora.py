@@ -145,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     check_images([image for image, _ in jobs])
     try:
         model, loaded = load_model(args.repo_root, args.lora_path, args.device)
-        outputs = [
-            image_to_mesh(model, image, out, args)
-            for image, out in tqdm(jobs, desc="meshes", unit="image")
-        ]
+        # closed on any way out, so an error message is not glued to the bar
+        with tqdm(jobs, desc="meshes", unit="image") as bar:
+            outputs = [image_to_mesh(model, image, out, args) for image, out in bar]
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -157,43 +157,44 @@ def main(argv: list[str] | None = None) -> None:
     model = TSR.from_pretrained(args.pretrained).to(args.device)
     model.renderer.set_chunk_size(args.chunk_size)
     summary = []
-    images = tqdm(args.images, desc="images", unit="image")
-    for path, name in zip(images, output_names(args.images), strict=True):
-        out = args.output_dir / name
-        image = prepare_input(path, not args.no_remove_bg, args.foreground_ratio)
-        save_image(image, out / "input.png")
-        started = time.perf_counter()
-        with torch.no_grad():
-            scene_codes = model([image], device=args.device)
-        mesh = model.extract_mesh(
-            scene_codes,
-            has_vertex_color=True,
-            resolution=args.mc_resolution,
-            threshold=args.threshold,
-            method=args.mc_method,
-        )[0]
-        baked = args.bake_texture and len(mesh.faces) > 0
-        if baked:
-            mesh = bake_texture(model, scene_codes[0], mesh, args.texture_resolution)
-        elif args.bake_texture:
-            tqdm.write(f"{path}: empty mesh, nothing to bake; try a lower --threshold")
-        mesh_path = out / f"mesh.{args.format}"
-        save_mesh(mesh, mesh_path)
-        if args.render:
-            views = model.render(scene_codes, n_views=30, return_type="pil")[0]
-            for index, view in enumerate(views):
-                save_image(view, out / f"render_{index:03d}.png")
-        summary.append(
-            {
-                "image": str(path),
-                "mesh": str(mesh_path),
-                "vertices": len(mesh.vertices),
-                "faces": len(mesh.faces),
-                "texture": args.texture_resolution if baked else None,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-        )
-        tqdm.write(f"{path} -> {mesh_path} ({len(mesh.faces)} faces)")
+    # closed on any way out, so an error message is not glued to the bar
+    with tqdm(args.images, desc="images", unit="image") as images:
+        for path, name in zip(images, output_names(args.images), strict=True):
+            out = args.output_dir / name
+            image = prepare_input(path, not args.no_remove_bg, args.foreground_ratio)
+            save_image(image, out / "input.png")
+            started = time.perf_counter()
+            with torch.no_grad():
+                scene_codes = model([image], device=args.device)
+            mesh = model.extract_mesh(
+                scene_codes,
+                has_vertex_color=True,
+                resolution=args.mc_resolution,
+                threshold=args.threshold,
+                method=args.mc_method,
+            )[0]
+            baked = args.bake_texture and len(mesh.faces) > 0
+            if baked:
+                mesh = bake_texture(model, scene_codes[0], mesh, args.texture_resolution)
+            elif args.bake_texture:
+                tqdm.write(f"{path}: empty mesh, nothing to bake; try a lower --threshold")
+            mesh_path = out / f"mesh.{args.format}"
+            save_mesh(mesh, mesh_path)
+            if args.render:
+                views = model.render(scene_codes, n_views=30, return_type="pil")[0]
+                for index, view in enumerate(views):
+                    save_image(view, out / f"render_{index:03d}.png")
+            summary.append(
+                {
+                    "image": str(path),
+                    "mesh": str(mesh_path),
+                    "vertices": len(mesh.vertices),
+                    "faces": len(mesh.faces),
+                    "texture": args.texture_resolution if baked else None,
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            )
+            tqdm.write(f"{path} -> {mesh_path} ({len(mesh.faces)} faces)")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings["images"] = [str(p) for p in args.images]
     run = {"settings": settings, "outputs": summary}
