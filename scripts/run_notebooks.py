@@ -40,6 +40,8 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 from nbconvert import HTMLExporter
 from traitlets.config import Config
 
+from tsr.files import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 # Run in each kernel before the first cell: every `from tqdm.auto import tqdm` that follows
 # gets tqdm's text bar, whose last state the executed copy keeps (coalesce_streams folds the
@@ -193,9 +195,9 @@ def run(path: Path, out: Path, cell_timeout: int | None, kernel: str, keep_widge
     if not keep_widgets:
         notebook.metadata.pop("widgets", None)
     out.mkdir(parents=True, exist_ok=True)
-    nbformat.write(notebook, out / path.name)
+    write_text(out / path.name, nbformat.writes(notebook))  # atomic: a full disk keeps the old copy
     html, _ = HTMLExporter().from_notebook_node(notebook)
-    (out / path.with_suffix(".html").name).write_text(html, encoding="utf-8")
+    write_text(out / path.with_suffix(".html").name, html)
     return seconds, failure, notebook
 
 
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             print(failure.message(args.out / path.name), file=sys.stderr, flush=True)
             break
     runtimes["total"] = round(time.perf_counter() - total, 1)
-    (args.out / "runtimes.json").write_text(json.dumps(runtimes, indent=1) + "\n")
+    write_text(args.out / "runtimes.json", json.dumps(runtimes, indent=1) + "\n")
     n_ok = len(runtimes) - 1 - (failure is not None)
     counts = f"{n_ok} ok, {int(failure is not None)} failed"
     counts += f", {len(notebooks) - len(runtimes) + 1} not run" if failure else ""
