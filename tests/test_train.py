@@ -136,7 +136,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(datasets, tmp_
 
     monkeypatch.setattr(train, "render_loss", poisoned)
     model = lora_model()
-    with pytest.raises(FloatingPointError, match=r"at step 5.*last good checkpoint.*step 4"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"at step 5.*last\.pt \(step 4\)\): resume from that last good checkpoint",
+    ):
         fit(
             model,
             datasets["train"],

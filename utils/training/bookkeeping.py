@@ -116,15 +116,11 @@ def refuse_non_finite(sums: dict, grad_norm: float, step: int, checkpoints) -> N
         return
     what = f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: training stopped"
     if checkpoints.saved:
-        where, fix = (
-            checkpoints.last(),
-            "resume from it with a lower --lr, or check the data of this step",
-        )
+        where = checkpoints.last()
+        fix = "resume from that last good checkpoint with a lower --lr, or check this step's data"
     else:
-        where, fix = (
-            "--lr",
-            "no checkpoint yet: start again with a lower --lr, or check the data of this step",
-        )
+        where = "--lr"
+        fix = "no checkpoint yet: start again with a lower --lr, or check this step's data"
     raise TrainingDiverged(what, where, fix)
 
 
