@@ -16,7 +16,7 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from tsr import marching_cubes as mc
-from tsr import mesh
+from tsr import mesh, mesh_cost
 from tsr.marching_cubes import available_backends, marching_cubes
 from tsr.mesh import build_trimesh, extract_isosurface, grid_axis
 
@@ -501,21 +501,21 @@ def test_torch_backend_world_coordinates_match_pymcubes():
 
 # Estimates before long extractions.
 def test_long_extractions_warn_with_their_estimate(monkeypatch):
-    monkeypatch.setattr(mesh, "WARN_ABOVE_SECONDS", 0.0)
+    monkeypatch.setattr(mesh_cost, "WARN_ABOVE_SECONDS", 0.0)
     with pytest.warns(UserWarning, match=r"24\^3 grid \(dense, one volume\): about 13,824 density"):
         extract_isosurface(sphere, 24, 0.0)
     with pytest.warns(UserWarning, match=r"\(certified, one volume\): about [\d,]+ density"):
         extract_isosurface(sphere, 24, 0.0, lipschitz=1.0)
-    monkeypatch.setattr(mesh, "WARN_ABOVE_SECONDS", 1e9)
-    monkeypatch.setattr(mesh, "WARN_ABOVE_MEMORY_SHARE", 0.0)
+    monkeypatch.setattr(mesh_cost, "WARN_ABOVE_SECONDS", 1e9)
+    monkeypatch.setattr(mesh_cost, "WARN_ABOVE_MEMORY_SHARE", 0.0)
     with pytest.warns(UserWarning, match=r"peak memory about [\d.]+ GiB of [\d.]+ GiB free"):
         extract_isosurface(sphere, 24, 0.0)
 
 
 def test_memory_estimate_of_a_2048_grid():
     cpu = torch.device("cpu")
-    dense = mesh._Estimate(2048, "dense", 1, 2047, 4, cpu).memory_bytes
-    blocks = mesh._Estimate(2048, "blocks", 16**3, 128, 4, cpu).memory_bytes
+    dense = mesh_cost.Estimate(2048, "dense", 1, 2047, 4, cpu).memory_bytes
+    blocks = mesh_cost.Estimate(2048, "blocks", 16**3, 128, 4, cpu).memory_bytes
     assert dense > 2048**3 * 4  # at least its float32 level volume: 32 GiB
     assert blocks < 2**30  # one 129^3 block and the mesh
 
