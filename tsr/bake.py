@@ -6,8 +6,8 @@ Each step is one function:
 2. `rasterize_uv`: which triangle covers each texel centre, and where (barycentrics). Plain
    torch on any device, no graphics context: it runs headless on a CPU or a GPU.
 3. `extend_charts`: seams dilated. Empty texels a few texels around each chart take a
-   neighbour's triangle, so bilinear sampling (and the first mipmaps) at a chart's edge reads
-   the chart's own colours, not the background.
+   neighbour's triangle, extended past its edges, so bilinear sampling (and the first mipmaps)
+   at a chart's edge reads the chart's own colours, not the background.
 4. `bake`: a colour function at the 3D points of those texels, on the caller's device
    (`bake_texture`: the triplane's colours, on the triplane's device).
 
@@ -182,9 +182,13 @@ def extend_charts(
 
     First the texel under each triangle's UV centroid, if empty (a triangle too thin to cover
     a texel centre still gets its colour); then, `steps` times, each empty texel next to a
-    claimed one takes a neighbour's triangle. A claimed texel's point is on its triangle, near
-    its centre (barycentrics clamped to the triangle), so the texels beyond a seam continue the
-    chart's own colours.
+    claimed one takes a neighbour's triangle. A claimed texel's point is its centre on that
+    triangle's plane, extended past the triangle's edges (barycentrics may be negative), so the
+    texels beyond a seam continue the chart's own colours: bilinear lookups inside the chart
+    then read, across its edge, values in the right place. (Clamped to the triangle, the point
+    moved inwards, and with it the colour that a lookup at the chart's edge blends in.) xatlas'
+    charts are close to conformal: a point a few texels off a triangle in UV is about as near
+    it in 3D.
 
     face_index (N, N) from `rasterize_uv`, uv (V, 2), faces (F, 3) -> claimed (N, N) int64
     (-1: still empty), barycentric (M, 3) float64 of the texels newly claimed, row-major.
@@ -205,8 +209,7 @@ def extend_charts(
         claimed = torch.where(claimed < 0, neighbour, claimed)
     claimed = claimed.view(n, n)
     new = ((claimed >= 0) & (face_index < 0)).flatten().nonzero()[:, 0]  # (M,) flat texels
-    weights = _barycentric(corners[claimed.flatten()[new]], _texel_centres(new, n)).clamp(min=0)
-    return claimed, weights / weights.sum(dim=-1, keepdim=True)
+    return claimed, _barycentric(corners[claimed.flatten()[new]], _texel_centres(new, n))
 
 
 def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
