@@ -139,6 +139,23 @@ def test_faces_xatlas_left_out_take_a_uv_from_a_chart():
     assert len(new_map) == 6  # the three (0, 0) vertices replaced, none left unused
 
 
+def bilinear_wrapping(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Bilinear lookup that wraps around at the edges (glTF's default sampler, REPEAT), written
+    out from the convention: texel (row i, column j) at u = (j + 0.5) / W, v = 1 - (i + 0.5) / H.
+    (H, W, C) uint8, (N, 2) -> (N, C) in [0, 1]"""
+    height, width = texture.shape[:2]
+    x, y = uv[:, 0] * width - 0.5, (1 - uv[:, 1]) * height - 0.5  # in texel-centre units
+    column, row = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = (x - column)[:, None], (y - row)[:, None]
+
+    def texel(i, j):
+        return texture[i % height, j % width] / 255.0
+
+    top = (1 - fx) * texel(row, column) + fx * texel(row, column + 1)
+    bottom = (1 - fx) * texel(row + 1, column) + fx * texel(row + 1, column + 1)
+    return (1 - fy) * top + fy * bottom
+
+
 def surface_samples(mesh: trimesh.Trimesh, count: int, seed: int = 0):
     """Random points on the faces: (face index, barycentric weights, 3D point)."""
     rng = np.random.default_rng(seed)
@@ -161,6 +178,29 @@ def test_baked_texture_reproduces_a_known_colour_on_the_surface(baked):
     error = np.abs(sample_texture(texture, uv) - linear_colour(points))
     # uint8 storage alone gives up to 0.002; seams filled by dilation a few hundredths.
     assert error.mean() < 0.004 and error.max() < 0.05
+
+
+def test_lookups_at_a_charts_edge_read_the_colour_continued_past_it():
+    # A flat hexagon is one planar chart, so its colour is affine in UV and bilinear lookups
+    # anywhere on it, its edge included, reproduce a linear colour exactly from texels that
+    # hold the colour at their centres: then only each texel's 8-bit rounding is left. Lookups
+    # wrap around at the texture's edges, as with glTF's default sampler.
+    angles = np.linspace(0, 2 * np.pi, 7)[:-1]
+    rim = np.stack([0.8 * np.cos(angles), 0.8 * np.sin(angles), np.zeros(6)], axis=-1)
+    hexagon = trimesh.Trimesh(
+        np.concatenate([[[0.0, 0.0, 0.0]], rim]),
+        [[0, 1 + k, 1 + (k + 1) % 6] for k in range(6)],
+        process=False,
+    )
+
+    def steep(points):  # about 0.04 per texel across the chart
+        return 0.5 + 0.6 * points
+
+    textured = bake(hexagon, steep, resolution=32, device="cpu")
+    face, weights, points = surface_samples(textured, 4000)
+    uv = np.einsum("nk,nkd->nd", weights, textured.visual.uv[textured.faces[face]])
+    texture = np.asarray(textured.visual.material.image)
+    assert np.abs(bilinear_wrapping(texture, uv) - steep(points)).max() < 0.6 / 255
 
 
 def test_bake_keeps_the_geometry(baked):

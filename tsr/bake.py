@@ -55,7 +55,8 @@ def uv_atlas(
     """xatlas charts packed for a `resolution`² texture.
 
     (V, 3), (F, 3) -> vertex_map (V',) int64 (the input vertex of each atlas vertex), faces
-    (F, 3) int64 into the atlas vertices (same order as the input faces), uv (V', 2) in [0, 1].
+    (F, 3) int64 into the atlas vertices (same order as the input faces), uv (V', 2) in [0, 1],
+    PADDING_TEXELS away from the texture's edges.
     """
     edges = vertices[faces[:, [1, 2, 0]]] - vertices[faces]  # (F, 3, 3)
     charts = xatlas.ChartOptions()
@@ -72,7 +73,14 @@ def uv_atlas(
     # on a 250k-face mesh): its UVs, normalised to [0, 1], map onto the texture as they are, and
     # the padding between charts shrinks in proportion (4 -> 2.4 texels there).
     vertex_map, atlas_faces, uv = atlas.get_mesh(0)
-    return _place_left_out_faces(vertex_map.astype(np.int64), atlas_faces.astype(np.int64), uv)
+    vertex_map, atlas_faces, uv = _place_left_out_faces(
+        vertex_map.astype(np.int64), atlas_faces.astype(np.int64), uv
+    )
+    # xatlas pads between charts, not at the atlas' border, where its charts reach to within a
+    # texel of the edge. glTF's default sampler wraps around (REPEAT), so a viewer's lookup
+    # there blended in texels from the opposite edge: the inset keeps the padding there too.
+    margin = PADDING_TEXELS / resolution
+    return vertex_map, atlas_faces, margin + uv * (1 - 2 * margin)
 
 
 def _place_left_out_faces(
