@@ -47,6 +47,16 @@ def contains(triangle, point, tolerance=1e-12) -> bool:
     return all(s >= -tolerance for s in signs) or all(s <= tolerance for s in signs)
 
 
+def texels_crossed(corners: np.ndarray) -> set[tuple[int, int]]:
+    """(row, column) of the texels that a triangle's edges pass through, by dense sampling.
+    corners (3, 2) as (x, y) in texels, y down."""
+    t = np.linspace(0, 1, 2001)[:, None]
+    points = np.concatenate(
+        [corners[k] + t * (corners[(k + 1) % 3] - corners[k]) for k in range(3)]
+    )
+    return {(int(y), int(x)) for x, y in np.floor(points)}
+
+
 def grid_triangulation(cells: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Triangles tiling the unit square: grid lines through texel centres (so some centres lie
     exactly on shared edges), interior vertices jittered off them, diagonals chosen at random."""
@@ -101,7 +111,7 @@ def test_seams_are_dilated_from_the_neighbouring_triangles():
     # A triangle covering a few texel centres (top right), and a sliver inside texel (row 9,
     # column 0) that covers none. Their dilated rings do not meet.
     uv = torch.tensor(
-        [[0.5, 0.9], [0.9, 0.9], [0.5, 0.5], [0.03, 0.03], [0.07, 0.03], [0.05, 0.04]],
+        [[0.52, 0.87], [0.88, 0.87], [0.52, 0.52], [0.03, 0.03], [0.07, 0.03], [0.05, 0.04]],
         dtype=torch.float64,
     )
     faces = torch.tensor([[0, 1, 2], [3, 4, 5]])
@@ -109,13 +119,24 @@ def test_seams_are_dilated_from_the_neighbouring_triangles():
     assert (face_index == 0).sum() > 0 and (face_index == 1).sum() == 0
     claimed, weights = extend_charts(face_index, uv, faces, steps=2)
     assert claimed[9, 0] == 1  # the sliver keeps a texel
-    # Every empty texel within 2 texels (8-neighbourhood) of the triangle's texels is claimed.
-    rows, columns = (face_index == 0).nonzero().T
+    # The triangle claims the empty texels within 2 texels (8-neighbourhood) of the texels whose
+    # centres it covers and of those its corners are in, and none farther than 2 from the
+    # texels it covers or its edges cross.
+    corners = np.stack([uv[:3, 0] * n, (1 - uv[:3, 1]) * n], axis=-1)
+    covered = (face_index == 0).nonzero()
+    in_corners = torch.from_numpy(np.floor(corners[:, ::-1]).astype(np.int64))  # (row, column)
+    crossed = torch.tensor(sorted(texels_crossed(corners)))
+
+    def within_two(texels, row, column):
+        return bool(((texels[:, 0] - row).abs().maximum((texels[:, 1] - column).abs()) <= 2).any())
+
     for row in range(n):
         for column in range(n):
-            near = ((rows - row).abs().maximum((columns - column).abs()) <= 2).any()
             if face_index[row, column] == -1 and (row < 7 or column > 2):
-                assert (claimed[row, column] == 0) == bool(near)
+                if within_two(torch.cat([covered, in_corners]), row, column):
+                    assert claimed[row, column] == 0
+                if not within_two(torch.cat([covered, crossed]), row, column):
+                    assert claimed[row, column] == -1
     # Their points continue their triangles: the weights rebuild each texel's own centre from
     # its triangle's UV corners (outside the triangle, so some weights are negative).
     new = ((claimed >= 0) & (face_index < 0)).nonzero()
@@ -124,6 +145,20 @@ def test_seams_are_dilated_from_the_neighbouring_triangles():
         triangle = uv[faces[claimed[row, column]]].numpy()
         np.testing.assert_allclose(texel_weights.sum(), 1.0)
         np.testing.assert_allclose(texel_weights @ triangle, texel_centre(row, column, n))
+
+
+def test_a_needle_that_covers_no_texel_centre_claims_every_texel_it_crosses():
+    # 12.5 texels long, 0.3 wide, between the centres of row 0 (y = 0.5) and row 1 (y = 1.5):
+    # lookups anywhere along it read the texels it crosses, so they must hold its colour.
+    n = 16
+    needle = np.array([[1.2, 0.6], [13.7, 0.9], [13.7, 0.6]])  # (x, y) in texels, y down
+    uv = torch.from_numpy(np.stack([needle[:, 0] / n, 1 - needle[:, 1] / n], axis=-1))
+    faces = torch.tensor([[0, 1, 2]])
+    face_index, _ = rasterize_uv(uv, faces, n)
+    assert (face_index == -1).all()
+    claimed, _ = extend_charts(face_index, uv, faces, steps=0)
+    for row, column in texels_crossed(needle):
+        assert claimed[row, column] == 0
 
 
 def test_faces_xatlas_left_out_take_a_uv_from_a_chart():

@@ -188,8 +188,9 @@ def extend_charts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Give a triangle to the empty texels that bilinear sampling reads beside the charts.
 
-    First the texel under each triangle's UV centroid, if empty (a triangle too thin to cover
-    a texel centre still gets its colour); then, `steps` times, each empty texel next to a
+    First the empty texels that each triangle's edges cross (a triangle too thin to cover a
+    texel centre, even a needle many texels long, still gets its colour all along); then,
+    `steps` times, each empty texel next to a
     claimed one takes a neighbour's triangle. A claimed texel's point is its centre on that
     triangle's plane, extended past the triangle's edges (barycentrics may be negative), so the
     texels beyond a seam continue the chart's own colours: bilinear lookups inside the chart
@@ -205,9 +206,16 @@ def extend_charts(
     corners = uv_to_pixel(uv.double(), n, n)[faces]  # (F, 3, 2)
     a, b, c = corners.unbind(1)
     usable = (_cross(b - a, c - a) != 0).nonzero()[:, 0]  # degenerate triangles have no point
-    centroid = corners[usable].mean(dim=1).floor().long().clamp(0, n - 1)  # (F', 2) as (x, y)
+    start = corners[usable].view(-1, 2)  # (3F', 2): each edge, from its first corner
+    edge = corners[usable].roll(-1, dims=1).view(-1, 2) - start
+    count = edge.norm(dim=-1).ceil().long() + 1  # (3F',) points on it, at most a texel apart
+    of = torch.arange(len(count), device=uv.device).repeat_interleave(count)  # (P,) their edge
+    along = torch.arange(len(of), device=uv.device) - (count.cumsum(0) - count)[of]
+    point = start[of] + (along / (count - 1).clamp(min=1)[of])[:, None] * edge[of]  # (P, 2)
+    texel = point.floor().long().clamp(0, n - 1)  # as (x, y)
     seeds = torch.full((n * n,), len(faces), dtype=torch.long, device=uv.device)
-    seeds.scatter_reduce_(0, centroid[:, 1] * n + centroid[:, 0], usable, reduce="amin")
+    owner = usable.repeat_interleave(3)[of]  # (P,)
+    seeds.scatter_reduce_(0, texel[:, 1] * n + texel[:, 0], owner, reduce="amin")
     claimed = face_index.flatten()
     claimed = torch.where((claimed < 0) & (seeds < len(faces)), seeds, claimed)
     claimed = claimed.view(1, 1, n, n)
