@@ -48,12 +48,10 @@ def contains(triangle, point, tolerance=1e-12) -> bool:
 
 
 def texels_crossed(corners: np.ndarray) -> set[tuple[int, int]]:
-    """(row, column) of the texels that a triangle's edges pass through, by dense sampling.
-    corners (3, 2) as (x, y) in texels, y down."""
+    """(row, column) of the texels a triangle's edges cross (corners (3, 2): x, y down), densely."""
     t = np.linspace(0, 1, 2001)[:, None]
-    points = np.concatenate(
-        [corners[k] + t * (corners[(k + 1) % 3] - corners[k]) for k in range(3)]
-    )
+    ends = np.roll(corners, -1, axis=0)
+    points = np.concatenate([c + t * (d - c) for c, d in zip(corners, ends, strict=True)])
     return {(int(y), int(x)) for x, y in np.floor(points)}
 
 
@@ -148,8 +146,7 @@ def test_seams_are_dilated_from_the_neighbouring_triangles():
 
 
 def test_a_needle_that_covers_no_texel_centre_claims_every_texel_it_crosses():
-    # 12.5 texels long, 0.3 wide, between the centres of row 0 (y = 0.5) and row 1 (y = 1.5):
-    # lookups anywhere along it read the texels it crosses, so they must hold its colour.
+    # 12.5 texels long, 0.3 wide, between the centres of rows 0 and 1 (at y = 0.5 and 1.5).
     n = 16
     needle = np.array([[1.2, 0.6], [13.7, 0.9], [13.7, 0.6]])  # (x, y) in texels, y down
     uv = torch.from_numpy(np.stack([needle[:, 0] / n, 1 - needle[:, 1] / n], axis=-1))
@@ -216,17 +213,13 @@ def test_baked_texture_reproduces_a_known_colour_on_the_surface(baked):
 
 
 def test_lookups_at_a_charts_edge_read_the_colour_continued_past_it():
-    # A flat hexagon is one planar chart, so its colour is affine in UV and bilinear lookups
-    # anywhere on it, its edge included, reproduce a linear colour exactly from texels that
-    # hold the colour at their centres: then only each texel's 8-bit rounding is left. Lookups
-    # wrap around at the texture's edges, as with glTF's default sampler.
+    # A flat hexagon is one planar chart: its colour is affine in UV, and bilinear lookups on
+    # it, up to its edge, reproduce a linear colour from texels holding it at their centres, up
+    # to each texel's 8-bit rounding. Lookups wrap around, as glTF's default sampler does.
     angles = np.linspace(0, 2 * np.pi, 7)[:-1]
     rim = np.stack([0.8 * np.cos(angles), 0.8 * np.sin(angles), np.zeros(6)], axis=-1)
-    hexagon = trimesh.Trimesh(
-        np.concatenate([[[0.0, 0.0, 0.0]], rim]),
-        [[0, 1 + k, 1 + (k + 1) % 6] for k in range(6)],
-        process=False,
-    )
+    fan = [[0, 1 + k, 1 + (k + 1) % 6] for k in range(6)]
+    hexagon = trimesh.Trimesh(np.concatenate([np.zeros((1, 3)), rim]), fan, process=False)
 
     def steep(points):  # about 0.04 per texel across the chart
         return 0.5 + 0.6 * points
