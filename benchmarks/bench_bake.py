@@ -2,6 +2,8 @@
 
     python benchmarks/bench_bake.py                        # classroom model, 1024² and 2048²
     python benchmarks/bench_bake.py --resolutions 512 --device cuda --json bake.json
+    python benchmarks/bench_bake.py --checker 16 --triplane-checker 3 --mc-resolution 64 \
+        --renders renders/                             # colours finer than the vertex spacing
 
 The mesh (marching cubes at --mc-resolution) is extracted once and saved; each resolution is
 then baked in its own process, so its peak RSS is its own: "RSS above loaded" is the peak minus
@@ -12,8 +14,11 @@ CUDA, "cuda peak" is torch.cuda.max_memory_allocated during the bake.
 Quality: the reference is the triplane's own colour at points on the mesh's surface. The
 vertex-coloured mesh (uint8 colours at the vertices, interpolated across each face as viewers
 show them) and the baked one (bilinear lookup in the uint8 texture) are compared with it at
-random points uniform on the surface, and at the surface points that the centres of 256²
-pixels of four turntable cameras see (trimesh ray casting).
+random points uniform on the surface, and at the surface points that the centres of the
+pixels of four turntable cameras see (trimesh ray casting; --renders writes those pixels as
+images). Both meshes are written as GLB and read back first, as a viewer gets them. "8-bit
+floor" is the reference itself rounded to 8 bits: the error of storing each point's own colour
+in a byte (interpolating between stored values averages some of it away).
 """
 
 from __future__ import annotations
@@ -30,17 +35,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import trimesh
+from PIL import Image
 
 from tsr import bake as bake_module
 from tsr.__main__ import prepare_input
 from tsr.cameras import orbit_cameras, rays_from_c2w
+from tsr.export import save_image, save_mesh
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 
 REPO = Path(__file__).resolve().parents[1]
 
 SURFACE_POINTS = 200_000
-VIEWS, VIEW_SIZE, ELEVATION_DEG = 4, 256, 20.0
+VIEWS, ELEVATION_DEG = 4, 20.0
 
 
 def peak_rss_mb() -> float:
@@ -82,25 +89,48 @@ def surface_points(mesh: trimesh.Trimesh, seed: int = 0) -> tuple[np.ndarray, np
     return face, rng.dirichlet([1.0, 1.0, 1.0], SURFACE_POINTS)
 
 
-def seen_points(mesh: trimesh.Trimesh) -> tuple[np.ndarray, np.ndarray]:
-    """(face index, barycentric weights) of the first surface hit of each camera pixel."""
+def seen_points(mesh: trimesh.Trimesh, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(face index, barycentric weights, flat pixel index into (VIEWS, size, size)) of the first
+    surface hit of each camera pixel."""
     c2w = orbit_cameras(VIEWS, ELEVATION_DEG, 1.9)
-    rays_o, rays_d = rays_from_c2w(c2w, VIEW_SIZE, VIEW_SIZE, 40.0)  # (V, H, W, 3)
-    locations, _, face = mesh.ray.intersects_location(
+    rays_o, rays_d = rays_from_c2w(c2w, size, size, 40.0)  # (V, H, W, 3)
+    locations, pixel, face = mesh.ray.intersects_location(
         rays_o.reshape(-1, 3).numpy(), rays_d.reshape(-1, 3).numpy(), multiple_hits=False
     )
     weights = trimesh.triangles.points_to_barycentric(mesh.triangles[face], locations)
-    return face, weights
+    return face, weights, pixel
 
 
-def compare(model, scene_code, mesh, textured) -> dict[str, dict]:
-    """Vertex colours and the texture against the triplane, at the same surface points."""
-    texture = np.asarray(textured.visual.material.image)
-    vertex_colours = mesh.visual.vertex_colors[:, :3] / 255.0
+def as_viewed(mesh: trimesh.Trimesh, path: Path) -> trimesh.Trimesh:
+    """The mesh as a viewer gets it: written as GLB and read back."""
+    save_mesh(mesh, path)
+    return trimesh.load(path, force="mesh", process=False)
+
+
+def write_renders(path: Path, pixel: np.ndarray, size: int, colours: list[np.ndarray]) -> None:
+    """One row per view, one column per colouring (each (N, 3) in [0, 1]), white background."""
+    images = np.ones((len(colours), VIEWS * size * size, 3))
+    for image, colour in zip(images, colours, strict=True):
+        image[pixel] = colour
+    grid = images.reshape(len(colours), VIEWS, size, size, 3).transpose(1, 2, 0, 3, 4)
+    rows = grid.reshape(VIEWS * size, len(colours) * size, 3)
+    save_image(Image.fromarray((rows * 255).round().astype(np.uint8)), path)
+
+
+def compare(model, scene_code, mesh, textured, args) -> dict[str, dict]:
+    """Vertex colours and the texture, both read back from GLB files, against the triplane at
+    the same surface points; the reference rounded to 8 bits shows the storage's own floor."""
+    with tempfile.TemporaryDirectory() as scratch:
+        by_vertex_mesh = as_viewed(mesh, Path(scratch) / "vertex.glb")
+        baked_mesh = as_viewed(textured, Path(scratch) / "baked.glb")
+    for read in (by_vertex_mesh, baked_mesh):  # faces and corners in the order of `mesh`
+        np.testing.assert_allclose(read.triangles, mesh.triangles, atol=1e-6)
+    texture = np.asarray(baked_mesh.visual.material.baseColorTexture.convert("RGB"))
+    vertex_colours = by_vertex_mesh.visual.vertex_colors[:, :3] / 255.0
     result = {}
-    for label, (face, weights) in (
+    for label, (face, weights, *pixel) in (
         ("surface", surface_points(mesh)),
-        ("views", seen_points(mesh)),
+        ("views", seen_points(mesh, args.view_size)),
     ):
         points = np.einsum("nk,nkd->nd", weights, mesh.vertices[mesh.faces[face]])
         positions = torch.as_tensor(points, dtype=torch.float32, device=scene_code.device)
@@ -108,15 +138,36 @@ def compare(model, scene_code, mesh, textured) -> dict[str, dict]:
             query = model.renderer.query_triplane(model.decoder, positions, scene_code)
         reference = query["color"].float().cpu().numpy()
         by_vertex = np.einsum("nk,nkd->nd", weights, vertex_colours[mesh.faces[face]])
-        uv = np.einsum("nk,nkd->nd", weights, textured.visual.uv[textured.faces[face]])
+        uv = np.einsum("nk,nkd->nd", weights, baked_mesh.visual.uv[baked_mesh.faces[face]])
         baked = bake_module.sample_texture(texture, uv)
         result[label] = {
             "points": len(face),
             "reference_std": float(reference.std(axis=0).mean()),  # how much colour varies
+            "8-bit floor": errors(np.round(reference.clip(0, 1) * 255) / 255, reference),
             "vertex": errors(by_vertex, reference),
             "baked": errors(baked, reference),
         }
+        if pixel and args.renders:
+            path = args.renders / f"{args.case}.png"
+            write_renders(path, pixel[0], args.view_size, [reference, by_vertex, baked])
     return result
+
+
+def checkered(image: Image.Image, square: int) -> Image.Image:
+    """The image's foreground (alpha kept) painted as a yellow and blue checkerboard."""
+    pixels = np.array(image.convert("RGBA"))
+    row, column = np.indices(pixels.shape[:2]) // square
+    pixels[..., :3] = np.where(((row + column) % 2 == 0)[..., None], [240, 200, 40], [30, 40, 160])
+    return Image.fromarray(pixels)
+
+
+def with_cell_checker(scene_codes: torch.Tensor, amplitude: float) -> torch.Tensor:
+    """+-amplitude added to every feature in a checkerboard of single triplane cells: colours
+    that change from one cell to the next, detail that a coarse mesh's vertices miss (the
+    density changes too: the surface gets a bump or a dent per cell)."""
+    cells = torch.arange(scene_codes.shape[-1], device=scene_codes.device)
+    sign = ((cells[:, None] + cells[None, :]) % 2) * 2 - 1  # (2P, 2P)
+    return scene_codes + amplitude * sign
 
 
 def run_case(args: argparse.Namespace) -> dict:
@@ -158,7 +209,7 @@ def run_case(args: argparse.Namespace) -> dict:
             else None
         ),
     }
-    row["quality"] = compare(model, scene_code, mesh, textured)
+    row["quality"] = compare(model, scene_code, mesh, textured, args)
     return row
 
 
@@ -170,6 +221,21 @@ def main() -> None:
     parser.add_argument("--mc-resolution", type=int, default=256)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--view-size", type=int, default=256, help="camera pixels per side")
+    parser.add_argument(
+        "--renders",
+        type=Path,
+        help="write <resolution>.png here: per view, triplane | vertex | baked",
+    )
+    parser.add_argument(
+        "--checker", type=int, help="paint the input's foreground as a checkerboard of N px squares"
+    )
+    parser.add_argument(
+        "--triplane-checker",
+        type=float,
+        default=0.0,
+        help="add +-this to the scene code in a checkerboard of single triplane cells",
+    )
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)  # internal: one bake
     parser.add_argument("--scene", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,8 +244,12 @@ def main() -> None:
         return
 
     model = TSR.from_pretrained(args.model).to(args.device)
+    image = prepare_input(args.image, False, 0.85)
+    if args.checker:
+        image = checkered(image, args.checker)
     with torch.no_grad():
-        scene_codes = model([prepare_input(args.image, False, 0.85)], device=args.device)
+        scene_codes = model([image], device=args.device)
+    scene_codes = with_cell_checker(scene_codes, args.triplane_checker)
     mesh = model.extract_mesh(scene_codes, resolution=args.mc_resolution)[0]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -196,7 +266,9 @@ def main() -> None:
         for resolution in args.resolutions:
             done = subprocess.run(
                 [sys.executable, __file__, "--case", str(resolution), "--scene", str(scene),
-                 "--model", args.model, "--device", args.device],
+                 "--model", args.model, "--device", args.device,
+                 "--view-size", str(args.view_size)]
+                + (["--renders", str(args.renders.resolve())] if args.renders else []),
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -204,11 +276,11 @@ def main() -> None:
         quality = row.pop("quality")
         print(json.dumps(row))
         for label, numbers in quality.items():
-            for kind in ("vertex", "baked"):
+            for kind in ("8-bit floor", "vertex", "baked"):
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in numbers[kind].items())
                 print(
                     f"  {label:8s} ({numbers['points']} points, colour std "
-                    f"{numbers['reference_std']:.3f}) {kind:6s}: {shown}"
+                    f"{numbers['reference_std']:.3f}) {kind:11s}: {shown}"
                 )
         row["quality"] = quality
     if args.json:

@@ -47,6 +47,14 @@ def contains(triangle, point, tolerance=1e-12) -> bool:
     return all(s >= -tolerance for s in signs) or all(s <= tolerance for s in signs)
 
 
+def texels_crossed(corners: np.ndarray) -> set[tuple[int, int]]:
+    """(row, column) of the texels a triangle's edges cross (corners (3, 2): x, y down), densely."""
+    t = np.linspace(0, 1, 2001)[:, None]
+    ends = np.roll(corners, -1, axis=0)
+    points = np.concatenate([c + t * (d - c) for c, d in zip(corners, ends, strict=True)])
+    return {(int(y), int(x)) for x, y in np.floor(points)}
+
+
 def grid_triangulation(cells: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Triangles tiling the unit square: grid lines through texel centres (so some centres lie
     exactly on shared edges), interior vertices jittered off them, diagonals chosen at random."""
@@ -101,7 +109,7 @@ def test_seams_are_dilated_from_the_neighbouring_triangles():
     # A triangle covering a few texel centres (top right), and a sliver inside texel (row 9,
     # column 0) that covers none. Their dilated rings do not meet.
     uv = torch.tensor(
-        [[0.5, 0.9], [0.9, 0.9], [0.5, 0.5], [0.03, 0.03], [0.07, 0.03], [0.05, 0.04]],
+        [[0.52, 0.87], [0.88, 0.87], [0.52, 0.52], [0.03, 0.03], [0.07, 0.03], [0.05, 0.04]],
         dtype=torch.float64,
     )
     faces = torch.tensor([[0, 1, 2], [3, 4, 5]])
@@ -109,18 +117,45 @@ def test_seams_are_dilated_from_the_neighbouring_triangles():
     assert (face_index == 0).sum() > 0 and (face_index == 1).sum() == 0
     claimed, weights = extend_charts(face_index, uv, faces, steps=2)
     assert claimed[9, 0] == 1  # the sliver keeps a texel
-    # Every empty texel within 2 texels (8-neighbourhood) of the triangle's texels is claimed.
-    rows, columns = (face_index == 0).nonzero().T
+    # The triangle claims the empty texels within 2 texels (8-neighbourhood) of the texels whose
+    # centres it covers and of those its corners are in, and none farther than 2 from the
+    # texels it covers or its edges cross.
+    corners = np.stack([uv[:3, 0] * n, (1 - uv[:3, 1]) * n], axis=-1)
+    covered = (face_index == 0).nonzero()
+    in_corners = torch.from_numpy(np.floor(corners[:, ::-1]).astype(np.int64))  # (row, column)
+    crossed = torch.tensor(sorted(texels_crossed(corners)))
+
+    def within_two(texels, row, column):
+        return bool(((texels[:, 0] - row).abs().maximum((texels[:, 1] - column).abs()) <= 2).any())
+
     for row in range(n):
         for column in range(n):
-            near = ((rows - row).abs().maximum((columns - column).abs()) <= 2).any()
             if face_index[row, column] == -1 and (row < 7 or column > 2):
-                assert (claimed[row, column] == 0) == bool(near)
-    # Their points lie on their triangles.
-    assert len(weights) == ((claimed >= 0) & (face_index < 0)).sum()
-    assert (weights >= 0).all() and torch.allclose(
-        weights.sum(-1), torch.ones(len(weights)).double()
-    )
+                if within_two(torch.cat([covered, in_corners]), row, column):
+                    assert claimed[row, column] == 0
+                if not within_two(torch.cat([covered, crossed]), row, column):
+                    assert claimed[row, column] == -1
+    # Their points continue their triangles: the weights rebuild each texel's own centre from
+    # its triangle's UV corners (outside the triangle, so some weights are negative).
+    new = ((claimed >= 0) & (face_index < 0)).nonzero()
+    assert len(weights) == len(new)
+    for (row, column), texel_weights in zip(new.tolist(), weights.numpy(), strict=True):
+        triangle = uv[faces[claimed[row, column]]].numpy()
+        np.testing.assert_allclose(texel_weights.sum(), 1.0)
+        np.testing.assert_allclose(texel_weights @ triangle, texel_centre(row, column, n))
+
+
+def test_a_needle_that_covers_no_texel_centre_claims_every_texel_it_crosses():
+    # 12.5 texels long, 0.3 wide, between the centres of rows 0 and 1 (at y = 0.5 and 1.5).
+    n = 16
+    needle = np.array([[1.2, 0.6], [13.7, 0.9], [13.7, 0.6]])  # (x, y) in texels, y down
+    uv = torch.from_numpy(np.stack([needle[:, 0] / n, 1 - needle[:, 1] / n], axis=-1))
+    faces = torch.tensor([[0, 1, 2]])
+    face_index, _ = rasterize_uv(uv, faces, n)
+    assert (face_index == -1).all()
+    claimed, _ = extend_charts(face_index, uv, faces, steps=0)
+    for row, column in texels_crossed(needle):
+        assert claimed[row, column] == 0
 
 
 def test_faces_xatlas_left_out_take_a_uv_from_a_chart():
@@ -134,6 +169,23 @@ def test_faces_xatlas_left_out_take_a_uv_from_a_chart():
     np.testing.assert_array_equal(new_uv[new_faces[0]], uv[:3])  # charted face untouched
     np.testing.assert_allclose(new_uv[new_faces[1]], [[0.4, 0.5]] * 3)  # input vertex 2's UV
     assert len(new_map) == 6  # the three (0, 0) vertices replaced, none left unused
+
+
+def bilinear_wrapping(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Bilinear lookup that wraps around at the edges (glTF's default sampler, REPEAT), written
+    out from the convention: texel (row i, column j) at u = (j + 0.5) / W, v = 1 - (i + 0.5) / H.
+    (H, W, C) uint8, (N, 2) -> (N, C) in [0, 1]"""
+    height, width = texture.shape[:2]
+    x, y = uv[:, 0] * width - 0.5, (1 - uv[:, 1]) * height - 0.5  # in texel-centre units
+    column, row = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = (x - column)[:, None], (y - row)[:, None]
+
+    def texel(i, j):
+        return texture[i % height, j % width] / 255.0
+
+    top = (1 - fx) * texel(row, column) + fx * texel(row, column + 1)
+    bottom = (1 - fx) * texel(row + 1, column) + fx * texel(row + 1, column + 1)
+    return (1 - fy) * top + fy * bottom
 
 
 def surface_samples(mesh: trimesh.Trimesh, count: int, seed: int = 0):
@@ -158,6 +210,25 @@ def test_baked_texture_reproduces_a_known_colour_on_the_surface(baked):
     error = np.abs(sample_texture(texture, uv) - linear_colour(points))
     # uint8 storage alone gives up to 0.002; seams filled by dilation a few hundredths.
     assert error.mean() < 0.004 and error.max() < 0.05
+
+
+def test_lookups_at_a_charts_edge_read_the_colour_continued_past_it():
+    # A flat hexagon is one planar chart: its colour is affine in UV, and bilinear lookups on
+    # it, up to its edge, reproduce a linear colour from texels holding it at their centres, up
+    # to each texel's 8-bit rounding. Lookups wrap around, as glTF's default sampler does.
+    angles = np.linspace(0, 2 * np.pi, 7)[:-1]
+    rim = np.stack([0.8 * np.cos(angles), 0.8 * np.sin(angles), np.zeros(6)], axis=-1)
+    fan = [[0, 1 + k, 1 + (k + 1) % 6] for k in range(6)]
+    hexagon = trimesh.Trimesh(np.concatenate([np.zeros((1, 3)), rim]), fan, process=False)
+
+    def steep(points):  # about 0.04 per texel across the chart
+        return 0.5 + 0.6 * points
+
+    textured = bake(hexagon, steep, resolution=32, device="cpu")
+    face, weights, points = surface_samples(textured, 4000)
+    uv = np.einsum("nk,nkd->nd", weights, textured.visual.uv[textured.faces[face]])
+    texture = np.asarray(textured.visual.material.image)
+    assert np.abs(bilinear_wrapping(texture, uv) - steep(points)).max() < 0.6 / 255
 
 
 def test_bake_keeps_the_geometry(baked):

@@ -6,8 +6,8 @@ Each step is one function:
 2. `rasterize_uv`: which triangle covers each texel centre, and where (barycentrics). Plain
    torch on any device, no graphics context: it runs headless on a CPU or a GPU.
 3. `extend_charts`: seams dilated. Empty texels a few texels around each chart take a
-   neighbour's triangle, so bilinear sampling (and the first mipmaps) at a chart's edge reads
-   the chart's own colours, not the background.
+   neighbour's triangle, extended past its edges, so bilinear sampling (and the first mipmaps)
+   at a chart's edge reads the chart's own colours, not the background.
 4. `bake`: a colour function at the 3D points of those texels, on the caller's device
    (`bake_texture`: the triplane's colours, on the triplane's device).
 
@@ -55,7 +55,8 @@ def uv_atlas(
     """xatlas charts packed for a `resolution`² texture.
 
     (V, 3), (F, 3) -> vertex_map (V',) int64 (the input vertex of each atlas vertex), faces
-    (F, 3) int64 into the atlas vertices (same order as the input faces), uv (V', 2) in [0, 1].
+    (F, 3) int64 into the atlas vertices (same order as the input faces), uv (V', 2) in [0, 1],
+    PADDING_TEXELS away from the texture's edges.
     """
     edges = vertices[faces[:, [1, 2, 0]]] - vertices[faces]  # (F, 3, 3)
     charts = xatlas.ChartOptions()
@@ -72,7 +73,14 @@ def uv_atlas(
     # on a 250k-face mesh): its UVs, normalised to [0, 1], map onto the texture as they are, and
     # the padding between charts shrinks in proportion (4 -> 2.4 texels there).
     vertex_map, atlas_faces, uv = atlas.get_mesh(0)
-    return _place_left_out_faces(vertex_map.astype(np.int64), atlas_faces.astype(np.int64), uv)
+    vertex_map, atlas_faces, uv = _place_left_out_faces(
+        vertex_map.astype(np.int64), atlas_faces.astype(np.int64), uv
+    )
+    # xatlas pads between charts, not at the atlas' border, where its charts reach to within a
+    # texel of the edge. glTF's default sampler wraps around (REPEAT), so a viewer's lookup
+    # there blended in texels from the opposite edge: the inset keeps the padding there too.
+    margin = PADDING_TEXELS / resolution
+    return vertex_map, atlas_faces, margin + uv * (1 - 2 * margin)
 
 
 def _place_left_out_faces(
@@ -180,11 +188,16 @@ def extend_charts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Give a triangle to the empty texels that bilinear sampling reads beside the charts.
 
-    First the texel under each triangle's UV centroid, if empty (a triangle too thin to cover
-    a texel centre still gets its colour); then, `steps` times, each empty texel next to a
-    claimed one takes a neighbour's triangle. A claimed texel's point is on its triangle, near
-    its centre (barycentrics clamped to the triangle), so the texels beyond a seam continue the
-    chart's own colours.
+    First the empty texels that each triangle's edges cross (a triangle too thin to cover a
+    texel centre, even a needle many texels long, still gets its colour all along); then,
+    `steps` times, each empty texel next to a
+    claimed one takes a neighbour's triangle. A claimed texel's point is its centre on that
+    triangle's plane, extended past the triangle's edges (barycentrics may be negative), so the
+    texels beyond a seam continue the chart's own colours: bilinear lookups inside the chart
+    then read, across its edge, values in the right place. (Clamped to the triangle, the point
+    moved inwards, and with it the colour that a lookup at the chart's edge blends in.) xatlas'
+    charts are close to conformal: a point a few texels off a triangle in UV is about as near
+    it in 3D.
 
     face_index (N, N) from `rasterize_uv`, uv (V, 2), faces (F, 3) -> claimed (N, N) int64
     (-1: still empty), barycentric (M, 3) float64 of the texels newly claimed, row-major.
@@ -193,9 +206,16 @@ def extend_charts(
     corners = uv_to_pixel(uv.double(), n, n)[faces]  # (F, 3, 2)
     a, b, c = corners.unbind(1)
     usable = (_cross(b - a, c - a) != 0).nonzero()[:, 0]  # degenerate triangles have no point
-    centroid = corners[usable].mean(dim=1).floor().long().clamp(0, n - 1)  # (F', 2) as (x, y)
+    start = corners[usable].view(-1, 2)  # (3F', 2): each edge, from its first corner
+    edge = corners[usable].roll(-1, dims=1).view(-1, 2) - start
+    count = edge.norm(dim=-1).ceil().long() + 1  # (3F',) points on it, at most a texel apart
+    of = torch.arange(len(count), device=uv.device).repeat_interleave(count)  # (P,) their edge
+    along = torch.arange(len(of), device=uv.device) - (count.cumsum(0) - count)[of]
+    point = start[of] + (along / (count - 1).clamp(min=1)[of])[:, None] * edge[of]  # (P, 2)
+    texel = point.floor().long().clamp(0, n - 1)  # as (x, y)
     seeds = torch.full((n * n,), len(faces), dtype=torch.long, device=uv.device)
-    seeds.scatter_reduce_(0, centroid[:, 1] * n + centroid[:, 0], usable, reduce="amin")
+    owner = usable.repeat_interleave(3)[of]  # (P,)
+    seeds.scatter_reduce_(0, texel[:, 1] * n + texel[:, 0], owner, reduce="amin")
     claimed = face_index.flatten()
     claimed = torch.where((claimed < 0) & (seeds < len(faces)), seeds, claimed)
     claimed = claimed.view(1, 1, n, n)
@@ -205,8 +225,7 @@ def extend_charts(
         claimed = torch.where(claimed < 0, neighbour, claimed)
     claimed = claimed.view(n, n)
     new = ((claimed >= 0) & (face_index < 0)).flatten().nonzero()[:, 0]  # (M,) flat texels
-    weights = _barycentric(corners[claimed.flatten()[new]], _texel_centres(new, n)).clamp(min=0)
-    return claimed, weights / weights.sum(dim=-1, keepdim=True)
+    return claimed, _barycentric(corners[claimed.flatten()[new]], _texel_centres(new, n))
 
 
 def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
