@@ -251,7 +251,7 @@ OFFICIAL = Profile(
         "rays_per_object": 32**2,
     },
     steps=800,
-    smoke_steps=2,
+    smoke_steps=1,
     mesh_resolution=256,
     chunk_size={"cpu": 8192, "cuda": 131072},
     why={
