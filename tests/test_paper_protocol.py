@@ -90,6 +90,15 @@ def test_an_empty_prediction_scores_like_ours():
     assert math.isnan(scores["paper_chamfer"]) and scores["paper_f@0.1"] == 0.0
 
 
+def test_an_empty_saved_mesh_is_scored_empty_not_read_back(tmp_path):
+    trimesh.Trimesh().export(tmp_path / "empty.obj")  # what evaluate_model saves for it
+    record = {"object_id": "o0", "mesh": str(tmp_path / "empty.obj"), "empty": True}
+    (tmp_path / "o0").mkdir()
+    l_shape().export(tmp_path / "o0" / "mesh.glb")
+    add_paper_protocol([record], type("Dataset", (), {"root": tmp_path})(), n_points=500)
+    assert math.isnan(record["paper_chamfer"]) and record["paper_f@0.5"] == 0.0
+
+
 def test_records_get_the_papers_columns_from_their_saved_meshes(tmp_path):
     root = tmp_path / "data"
     (root / "o0").mkdir(parents=True)
