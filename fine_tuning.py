@@ -14,23 +14,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import re
-import shutil
+import sys
 import time
-import typing
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tsr.errors import (
+    ArgumentParser,
+    UserInputError,
+    check_device,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    run_cli,
+)
+from tsr.files import copy_file
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
+from utils.cli import field_comments, flag_type, given_flags
 from utils.data import course_layout
 from utils.data import dataset as data
+from utils.data.check import check_dataset, course_layout_problems, raise_if_problems
 from utils.training import adapters, lora
+from utils.training.checkpoint import (
+    checkpoint_file,
+    load_checkpoint,
+    refuse_resume_conflicts,
+    start_afresh,
+)
 from utils.training.config import TrainConfig
 from utils.training.train import fit
 
@@ -39,43 +55,32 @@ MAPPED_FIELDS = {
     "train_mode", "batch_size", "lr", "epochs", "max_steps", "rays_per_object", "sampling",
     "patch_size", "val_every", "resume_from", "grad_checkpointing", "seed",
 }  # fmt: skip
+# the TrainConfig fields a flag sets where their names differ
+FLAG_FIELDS = {"rays": ("rays_per_object", "sampling"), "patch": ("patch_size", "sampling"),
+               "full": ("train_mode",)}  # fmt: skip
+FIELD_FLAGS = {name: f"--{flag}" for flag, names in FLAG_FIELDS.items() for name in names}
+LORA_FLAGS = {"r": "r", "alpha": "alpha", "dropout": "dropout"}  # flag -> lora_settings key
 
 
-def field_comments(cls: type) -> dict[str, str]:
-    """The why-comment after each dataclass field in the source, to serve as --help."""
-    field_line = re.compile(r"^\s+(\w+): [^#]*#\s*(.+)$")
-    lines = inspect.getsource(cls).splitlines()
-    return {m.group(1): m.group(2) for line in lines if (m := field_line.match(line))}
-
-
-def strict_bool(text: str) -> bool:
-    """'true'/'false' (also 1/0, yes/no, on/off); anything else is an error, never False."""
-    value = {"1": True, "true": True, "yes": True, "on": True,
-             "0": False, "false": False, "no": False, "off": False}.get(text.lower())  # fmt: skip
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-def flag_type(cls: type, name: str) -> Callable[[str], object]:
-    """The parser of a dataclass field's flag, from its annotation: `float | None` parses a
-    float (the flag's default stays None), bool parses strictly."""
-    kind = typing.get_type_hints(cls)[name]
-    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None -> X
-    return strict_bool if kind is bool else kind
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="fine_tuning.py", description=__doc__.split("\n\n")[0])
     course = parser.add_argument_group("course project flags")
     course.add_argument("--input_folder", required=True, help="dataset folder (prepare_data.py)")
     course.add_argument("--output_dir", default="outputs_lora", help="runs go to OUTPUT_DIR/<run>")
-    course.add_argument("--batch_size", type=int, default=1, help="objects per step and process")
-    course.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
-    course.add_argument("--epochs", type=int, default=100, help="passes over the train objects")
-    course.add_argument("--r", type=int, default=16, help="LoRA rank")
-    course.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scale = alpha / r)")
-    course.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA path")
+    course.add_argument(
+        "--batch_size", type=positive_int, default=1, help="objects per step and process"
+    )
+    course.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW peak learning rate")
+    course.add_argument(
+        "--epochs", type=positive_int, default=100, help="passes over the train objects"
+    )
+    course.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
+    course.add_argument(
+        "--alpha", type=positive_float, default=16, help="LoRA alpha (scale = alpha / r)"
+    )
+    course.add_argument(
+        "--dropout", type=probability, default=0.05, help="dropout on the LoRA path"
+    )
     course.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     ours = parser.add_argument_group("workbook flags")
     ours.add_argument(
@@ -83,23 +88,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ours.add_argument("--run_name", default=None, help="run folder name (default: time stamp)")
     ours.add_argument(
-        "--max_steps", type=int, default=None, help="optimiser steps (overrides --epochs)"
+        "--overwrite", action="store_true", help="replace an existing run of the same name"
+    )
+    ours.add_argument(
+        "--max_steps", type=positive_int, default=None, help="optimiser steps (overrides --epochs)"
     )
     sampling = ours.add_mutually_exclusive_group()
-    sampling.add_argument("--rays", type=int, default=None, help="random rays per object and step")
-    sampling.add_argument("--patch", type=int, default=None, help="supervise S x S patches instead")
-    ours.add_argument("--views", type=int, default=4, help="supervision views per object (k)")
-    ours.add_argument("--val_every", type=int, default=50, help="steps between validations")
+    sampling.add_argument(
+        "--rays", type=non_negative_int, default=None, help="random rays per object and step"
+    )
+    sampling.add_argument(
+        "--patch", type=positive_int, default=None, help="supervise S x S patches instead"
+    )
+    ours.add_argument(
+        "--views", type=positive_int, default=4, help="supervision views per object (k)"
+    )
+    ours.add_argument(
+        "--val_every", type=non_negative_int, default=50, help="steps between validations"
+    )
     ours.add_argument(
         "--resume", nargs="?", const="latest", default=None,
-        help="continue a run: its folder or checkpoint; alone: the newest run in OUTPUT_DIR",
+        help="continue a run (its settings, unless flags change them): its folder or "
+        "checkpoint; alone: the newest run in OUTPUT_DIR",
     )  # fmt: skip
     ours.add_argument("--targets", default="attn", help="LoRA targets: attn, self, cross, attn+ff")
     ours.add_argument(
         "--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
         help="recompute backbone blocks in backward (default: on for the full-size model)",
     )  # fmt: skip
-    ours.add_argument("--seed", type=int, default=0, help="seeds data order, rays and dropout")
+    ours.add_argument(
+        "--seed", type=non_negative_int, default=0,
+        help="seeds the LoRA init, data order, rays and dropout",
+    )  # fmt: skip
     ours.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
     more = parser.add_argument_group("other TrainConfig fields (see utils/training/config.py)")
     comments = field_comments(TrainConfig)
@@ -109,26 +129,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--{field.name}", type=flag_type(TrainConfig, field.name), default=field.default,
                 help=f"{comments.get(field.name, '')} (default {field.default})",
             )  # fmt: skip
-    return parser.parse_args(argv)
+    return parser
 
 
-def train_config(args: argparse.Namespace, resume_from: str | None) -> TrainConfig:
-    """The flags mapped one to one onto the dataclass."""
-    values = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if hasattr(args, f.name)
-    }
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _flag_values(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the flags say, one to one."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if hasattr(args, f.name)}  # fmt: skip
     values.update(
         train_mode="full" if args.full else "lora",
         sampling="patches" if args.patch is not None else "rays",
-        resume_from=resume_from,
     )
     if args.rays is not None:  # 0 is a value (3D losses only), not "unset"
         values["rays_per_object"] = args.rays
     if args.patch is not None:
         values["patch_size"] = args.patch
-    return TrainConfig(**values)
+    return values
+
+
+def _make_config(values: dict) -> TrainConfig:
+    """TrainConfig, its refusals naming the flags rather than the fields."""
+    try:
+        return TrainConfig(**values)
+    except UserInputError as error:
+        fields = error.where.split(", ")
+        flags = sorted({FIELD_FLAGS.get(name, f"--{name}") for name in fields})
+        raise UserInputError(error.what, ", ".join(flags), error.fix) from error
+
+
+def train_config(args: argparse.Namespace, resume_from: str | None) -> TrainConfig:
+    """The flags mapped one to one onto the dataclass."""
+    return _make_config({**_flag_values(args), "resume_from": resume_from})
+
+
+def resumed_config(
+    args: argparse.Namespace, given: set[str], saved: dict, resume_from: str
+) -> TrainConfig:
+    """A resumed run's settings: its checkpoint's, changed only where a flag was typed."""
+    flagged = _flag_values(args)
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in saved.items() if name in fields}
+    for flag in given:
+        values.update({name: flagged[name] for name in FLAG_FIELDS.get(flag, (flag,))
+                       if name in flagged})  # fmt: skip
+    return _make_config({**values, "resume_from": resume_from})
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[Path, str | None]:
@@ -136,75 +184,145 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, str | None]:
     output_dir = Path(args.output_dir)
     if args.resume is None:
         name = args.run_name or time.strftime(f"{'full' if args.full else 'lora'}-%Y%m%d-%H%M%S")
+        if not re.fullmatch(r"[\w.+-]+", name) or set(name) == {"."}:
+            raise UserInputError(
+                f"{name!r} is not a plain folder name", "--run_name",
+                "use letters, digits, '.', '_', '+' or '-' (runs go into --output_dir)",
+            )  # fmt: skip
         return output_dir / name, None
     if args.resume != "latest":
-        resume = Path(args.resume)
-        run_dir = resume.parent.parent if resume.is_file() else resume
-        return run_dir, str(resume)
+        checkpoint = checkpoint_file(args.resume)
+        return checkpoint.parent.parent, str(checkpoint)
     runs = sorted(output_dir.glob("*/checkpoints/last.pt"), key=os.path.getmtime)
     if not runs:
-        raise SystemExit(f"--resume: no run with checkpoints/last.pt in {output_dir}")
+        raise UserInputError(
+            "no run with checkpoints/last.pt to resume", output_dir,
+            "pass the run folder to --resume, or start a new run without --resume",
+        )  # fmt: skip
     return runs[-1].parent.parent, str(runs[-1])
+
+
+def course_object_dirs(folder: Path) -> list[Path]:
+    """The course layout's objects: `folder` itself or its sub-folders with a cams.json."""
+    if (folder / "cams.json").is_file():
+        return [folder]
+    return sorted(path.parent for path in folder.glob("*/cams.json"))
+
+
+def check_input_folder(folder: Path) -> str:
+    """Which layout `folder` holds ("prepared" or "course"), after checking every object the
+    run reads: all problems at once, before any model is loaded."""
+    if not folder.is_dir():
+        raise UserInputError(
+            "no such folder", folder, "pass a dataset folder built by prepare_data.py --out"
+        )
+    if (folder / "split.json").is_file():
+        check_dataset(folder, ("train", "val"))
+        return "prepared"
+    object_dirs = course_object_dirs(folder)
+    if object_dirs:
+        raise_if_problems([p for d in object_dirs for p in course_layout_problems(d)], folder)
+        return "course"
+    raise UserInputError(
+        "neither a prepare_data.py set (split.json) nor the course layout (cams.json)", folder,
+        f"build one with `python prepare_data.py --out {folder}`",
+    )  # fmt: skip
 
 
 def course_layout_items(folder: Path, cond_size: int) -> list[dict]:
     """The course project's IMG/MASK/Depth/cams.json folders (one object each: `folder` itself
     or its sub-folders) as dataset items, all views supervising, in our conventions."""
-    object_dirs = [folder] if (folder / "cams.json").is_file() else sorted(
-        path.parent for path in folder.glob("*/cams.json")
-    )  # fmt: skip
     items = []
-    for object_dir in object_dirs:
+    for object_dir in course_object_dirs(folder):
         views = course_layout.load_course_layout(object_dir)
         if views["fovy_deg"] is None:
-            raise ValueError(
-                f"{object_dir}/cams.json: K is not square and centred, which TripoSR's cameras "
-                "cannot express; re-render the views with a centred principal point"
-            )
+            raise UserInputError(
+                "K is not square and centred, which TripoSR's cameras cannot express",
+                object_dir / "cams.json", "re-render the views with a centred principal point",
+            )  # fmt: skip
         views["view_indices"] = np.arange(len(views["rgba"]))  # every view supervises
         items.append(data.make_item(object_dir.name, views, cond_size))
     return items
 
 
-def load_datasets(folder: Path, n_views: int, model: TSR) -> tuple:
-    """(train, val or None) from a prepare_data.py set or the course project's layout."""
+def load_datasets(folder: Path, layout: str, n_views: int, model: TSR, seed: int) -> tuple:
+    """(train, val or None) from a checked prepare_data.py set or course project layout."""
     cond_size = model.config.cond_image_size
-    if (folder / "split.json").is_file():
+    if layout == "prepared":
         train_set, val_set = (
-            data.MultiViewDataset(folder, split, n_supervision_views=n_views, cond_size=cond_size)
+            data.MultiViewDataset(folder, split, n_views, cond_size, seed=seed, check=False)
             for split in ("train", "val")
         )
         return train_set, val_set if len(val_set) else None
-    if (folder / "cams.json").is_file() or any(folder.glob("*/cams.json")):
-        print(f"{folder}: the course project's layout; every object trains, none validates")
-        return course_layout_items(folder, cond_size), None
-    raise SystemExit(
-        f"--input_folder {folder}: neither a prepare_data.py set (split.json) nor the course "
-        "layout (cams.json); build one with `python prepare_data.py --out DATA`"
-    )
+    print(f"{folder}: the course project's layout; every object trains, none validates")
+    return course_layout_items(folder, cond_size), None
+
+
+def settings_to_resume(
+    parser: ArgumentParser, args: argparse.Namespace, argv: list[str] | None, checkpoint: str
+) -> tuple[TrainConfig, dict, int]:
+    """The run's TrainConfig, base model, LoRA settings and supervision views from its
+    checkpoint, changed where a flag was typed; a change a resumed run cannot make is refused
+    here, before any work. -> (config, base model, LoRA settings, views)"""
+    saved = load_checkpoint(checkpoint, mmap=True)["config"]
+    given = given_flags(parser, argv)
+    config = resumed_config(args, given, saved, checkpoint)
+    saved_lora = saved.get("lora") or {}  # older checkpoints: the flags, checked by shape
+    settings = {
+        name: getattr(args, name) if name in given or name not in saved_lora else saved_lora[name]
+        for name in ("r", "alpha", "dropout")
+    }
+    settings["targets"] = saved_lora.get("targets", args.targets)
+    if "targets" in given:
+        settings["targets"] = args.targets  # a preset: fit() compares the layers it names
+    views = args.views if "views" in given else saved.get("supervision_views") or args.views
+    pretrained = args.pretrained
+    if "pretrained" not in given and saved.get("base_model"):
+        pretrained = saved["base_model"]
+    # targets stay the run's here: a preset's layers are compared by fit() once resolved
+    wanted_lora = {**saved_lora, **{k: settings[k] for k in ("r", "alpha", "dropout")}}
+    wanted = {**dataclasses.asdict(config), "supervision_views": views, "lora": wanted_lora,
+              "base_model": pretrained}  # fmt: skip
+    refuse_resume_conflicts(saved, wanted, checkpoint)
+    return config, pretrained, settings, views
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     run_dir, resume_from = resolve_run(args)
-    config = train_config(args, resume_from)
+    if resume_from:
+        config, pretrained, lora_settings, views = settings_to_resume(
+            parser, args, argv, resume_from
+        )
+    else:
+        pretrained = args.pretrained
+        config = train_config(args, None)
+        lora_settings = {"r": args.r, "alpha": args.alpha, "dropout": args.dropout,
+                         "targets": args.targets}  # fmt: skip
+        views = args.views
+        start_afresh(run_dir, args.overwrite, remove=False)  # refuse now, not after loading
+    folder = Path(args.input_folder)
+    layout = check_input_folder(folder)
 
-    model = TSR.from_pretrained(args.pretrained)
+    model = TSR.from_pretrained(pretrained)
     if config.train_mode == "lora":
-        lora.add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=args.targets)
+        lora.add_lora(model, **lora_settings, seed=config.seed)
     model.to(device)
-    train_set, val_set = load_datasets(Path(args.input_folder), args.views, model)
-    result = fit(model, train_set, config, val_dataset=val_set, output_dir=run_dir)
+    train_set, val_set = load_datasets(folder, layout, views, model, config.seed)
+    result = fit(
+        model, train_set, config, val_dataset=val_set, output_dir=run_dir, overwrite=args.overwrite
+    )
     if result.artefact is not None and config.train_mode == "lora":
         course_file = adapters.export_course_adapter(model, run_dir / "lora_weights.pth")
-        shutil.copyfile(course_file, Path(args.output_dir) / "lora_weights.pth")
+        copy_file(course_file, Path(args.output_dir) / "lora_weights.pth")
     if result.artefact is not None:
         print(f"saved {result.artefact} after {result.steps} steps; metrics in {run_dir}")
     return run_dir
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

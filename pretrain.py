@@ -4,7 +4,7 @@ One command builds the data (6000 primitives x 3 views, each with 2048 labelled 
 6 min) and trains (18,000 steps in two one-core processes, 44 min on 2 CPU cores), then picks
 the marching-cubes threshold on validation objects (50.0 min in all for the shipped model):
 
-    python pretrain.py                       # -> tsr/assets/classroom/ (the shipped model)
+    python pretrain.py --overwrite           # -> tsr/assets/classroom/ (the shipped model)
     python pretrain.py --objects 200 --steps 50 --out outputs/pretrain-smoke   # a quick look
 
 The shipped model's recipe.json records the command, seeds, times and metrics of its run.
@@ -45,7 +45,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import socket
 import sys
 import time
@@ -55,79 +54,120 @@ import numpy as np
 import torch
 
 from tsr.config import ASSETS
+from tsr.errors import (
+    ArgumentParser,
+    UserInputError,
+    flag_check,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
+from tsr.files import copy_file, write_text
 from tsr.model import TSR
-from utils.data.build import prepare_dataset
+from utils.data.build import MIN_SIZE, MIN_VIEWS, prepare_dataset
+from utils.data.check import check_dataset
 from utils.data.dataset import MultiViewDataset
 from utils.evaluation.threshold import best_threshold_by_chamfer
+from utils.training.checkpoint import load_checkpoint, refuse_resume_conflicts, start_afresh
 from utils.training.config import TrainConfig
 from utils.training.pretraining import pretraining_model
 from utils.training.train import fit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(
+        prog="pretrain.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ASSETS / "classroom", help="model folder")
     parser.add_argument("--data", type=Path, default=Path("data/pretrain"), help="dataset folder")
-    parser.add_argument("--objects", type=int, default=6000, help="generated primitives")
-    parser.add_argument("--views", type=int, default=3, help="views per object (view 0 = input)")
-    parser.add_argument("--size", type=int, default=128, help="render size = cond image size")
+    parser.add_argument("--objects", type=positive_int, default=6000, help="generated primitives")
+    parser.add_argument(
+        "--views",
+        type=flag_check(int, lambda v: v >= MIN_VIEWS, f"an integer >= {MIN_VIEWS}"),
+        default=3,
+        help="views per object (view 0 = input)",
+    )
+    parser.add_argument(
+        "--size",
+        type=flag_check(int, lambda v: v >= MIN_SIZE, f"an integer >= {MIN_SIZE}"),
+        default=128,
+        help="render size = cond image size",
+    )
     parser.add_argument(
         "--occupancy-points",
-        type=int,
+        type=positive_int,
         default=2048,
         help="labelled 3D points built per object; each step draws as many (with replacement)",
     )
-    parser.add_argument("--steps", type=int, default=18000, help="optimiser steps")
-    parser.add_argument("--batch-size", type=int, default=4, help="objects per step")
-    parser.add_argument("--rays", type=int, default=16, help="rendered rays per object and step")
+    parser.add_argument("--steps", type=positive_int, default=18000, help="optimiser steps")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="objects per step")
     parser.add_argument(
-        "--lambda-occupancy", type=float, default=2.0, help="weight of the occupancy loss"
+        "--rays", type=non_negative_int, default=16, help="rendered rays per object and step"
+    )
+    parser.add_argument(
+        "--lambda-occupancy",
+        type=non_negative_float,
+        default=2.0,
+        help="weight of the occupancy loss",
     )
     parser.add_argument(
         "--sdf-scale",
-        type=float,
+        type=non_negative_float,
         default=100.0,
         help="occupancy target: density logit = -scale x signed distance (0: BCE on the side)",
     )
     parser.add_argument(
         "--lambda-surface-colour",
-        type=float,
+        type=non_negative_float,
         default=100.0,
         help="weight of the colour MSE at labelled points near the surface",
     )
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=positive_float, default=5e-4)
     parser.add_argument(
-        "--lr-scale-head", type=float, default=10.0, help="lr multiplier: decoder, upsampler"
+        "--lr-scale-head",
+        type=non_negative_float,
+        default=10.0,
+        help="lr multiplier: decoder, upsampler",
     )
-    parser.add_argument("--level", type=float, default=10.0, help="density_act at the surface")
+    parser.add_argument(
+        "--level", type=positive_float, default=10.0, help="density_act at the surface"
+    )
     parser.add_argument(
         "--cross-attention-gain",
-        type=float,
+        type=positive_float,
         default=4.0,
         help="initial scale of the cross-attention query and key weights (1: PyTorch's init)",
     )
     parser.add_argument(
-        "--position-std", type=float, default=1.0, help="initial std of the ViT position embeddings"
+        "--position-std",
+        type=positive_float,
+        default=1.0,
+        help="initial std of the ViT position embeddings",
     )
     parser.add_argument(
         "--geometric-heads",
-        type=int,
+        type=non_negative_int,
         default=2,
         help="cross-attention heads per block that start out looking up the cell's own patch",
     )
     parser.add_argument(
         "--colour-lookup",
-        type=float,
+        type=non_negative_float,
         default=3.0,
         help="amplitude of the input-colour path built at init (0: none)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="data, init and training seed")
-    parser.add_argument("--workers", type=int, default=None, help="data generation processes")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data, init and training seed"
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, default=None, help="data generation processes"
+    )
     parser.add_argument(
         "--processes",
-        type=int,
+        type=positive_int,
         default=min(2, os.cpu_count() or 1),
         help="training processes, one core each, averaging gradients (DDP over gloo)",
     )
@@ -135,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="continue an interrupted run from its last checkpoint (built data is kept)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run and the model in --out"
     )
     return parser.parse_args(argv)
 
@@ -148,7 +191,10 @@ def build_model(args: argparse.Namespace) -> TSR:
 
 def train_config_for(args: argparse.Namespace) -> TrainConfig:
     if args.batch_size % args.processes:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --processes")
+        raise UserInputError(
+            f"{args.batch_size} objects do not share evenly over {args.processes} processes",
+            "--batch-size", "pass a multiple of --processes",
+        )  # fmt: skip
     return TrainConfig(
         train_mode="full", batch_size=args.batch_size // args.processes, rays_per_object=args.rays,
         max_steps=args.steps, lr=args.lr, lr_scale_head=args.lr_scale_head, warmup_fraction=0.03, min_lr_ratio=0.05,
@@ -175,14 +221,16 @@ def train_process(rank: int, args: argparse.Namespace, port: int) -> None:
             WORLD_SIZE=str(args.processes),
         )  # fmt: skip
         torch.set_num_threads(1)
-    train = MultiViewDataset(args.data, "train", cond_size=args.size, seed=args.seed)
-    val = MultiViewDataset(args.data, "val", cond_size=args.size, seed=args.seed)
+    # checked in main(): an error here would come back from torch's spawn as text
+    train = MultiViewDataset(args.data, "train", cond_size=args.size, seed=args.seed, check=False)
+    val = MultiViewDataset(args.data, "val", cond_size=args.size, seed=args.seed, check=False)
     fit(
         build_model(args),
         train,
         train_config_for(args),
         val_dataset=val,
         output_dir=run_dir_for(args),
+        overwrite=args.overwrite,
     )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -196,6 +244,17 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    config = train_config_for(args)  # refuse bad settings before hours of work
+    if args.resume:  # here, not in the training processes, whose errors come back as text
+        saved = load_checkpoint(run_dir_for(args), mmap=True)["config"]
+        refuse_resume_conflicts(saved, dataclasses.asdict(config), run_dir_for(args))
+    else:
+        start_afresh(run_dir_for(args), args.overwrite, remove=False)
+        if (args.out / "config.yaml").exists() and not args.overwrite:
+            raise UserInputError(
+                "a model is already there", args.out,
+                "pass --overwrite to replace it, or another --out",
+            )  # fmt: skip
     started = time.perf_counter()
 
     # ---- data: primitives rendered in TripoSR's cameras, with occupancy samples
@@ -205,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
     )  # fmt: skip
     data_seconds = time.perf_counter() - started
+    check_dataset(args.data, ("train", "val"))
 
     # ---- training: all weights from scratch, in `args.processes` processes
     run_dir = run_dir_for(args)
@@ -227,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     (args.out / "model.ckpt").unlink(missing_ok=True)
-    shutil.copy(run_dir / "loss.png", args.out / "loss.png")
+    copy_file(run_dir / "loss.png", args.out / "loss.png")
     recipe = {
         "command": " ".join(["python pretrain.py", *(sys.argv[1:] if argv is None else argv)]),
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -244,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpus": os.cpu_count(), "processes": args.processes, "platform": platform.platform()},
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     }  # fmt: skip
-    (args.out / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+    write_text(args.out / "recipe.json", json.dumps(recipe, indent=2, default=str))
     print(
         f"{args.out}: {recipe['parameters']:,} parameters, {recipe['steps']} steps, threshold "
         f"{threshold:g}; {total_seconds / 60:.1f} min in all ({data_seconds / 60:.1f} data)"
@@ -252,4 +312,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""Benchmark tsr.mesh.extract_isosurface: dense vs coarse_to_fine vs blocks, side by side.
+"""Benchmark tsr.mesh.extract_isosurface: dense vs coarse_to_fine vs certified vs blocks.
 
 Fields: analytic shapes (cheap: time is mostly marching cubes) and a decoder-like field
 (TripoSR's decoder shape, random weights, smooth triplane: time is mostly queries), plus
@@ -94,6 +94,15 @@ class DecoderField(nn.Module):
 
 
 FIELDS = {"sphere": sphere, "ellipsoid": ellipsoid, "torus": torus, "blobs": blobs}
+# Bounds on |grad field| in [-0.87, 0.87]^3, for method "certified" (fields without one skip it).
+LIPSCHITZ = {
+    "sphere": 1.0,  # a distance
+    "torus": 1.0,  # a distance to a circle
+    # |grad| = 2 |(p - c) / a^2| <= 2 |(0.92, 0.95, 0.87) / a^2| (the box's farthest corner)
+    "ellipsoid": 2 * float(torch.tensor([0.92 / 0.36, 0.95 / 0.1225, 0.87 / 0.2025]).norm()),
+    # each Gaussian's slope is at most 1 / (sigma sqrt(e))
+    "blobs": sum(1 / (s * math.e**0.5) for s in (0.18, 0.22, 0.15, 0.12)),
+}
 
 
 def make_field(name: str):
@@ -134,6 +143,7 @@ def run_one(args) -> None:
             method=args.method,
             chunk_size=chunk_size,
             backend=args.backend,
+            lipschitz=LIPSCHITZ.get(args.field),
         )
         verts, faces, n_queries = extraction.verts, extraction.faces, extraction.n_queries
         query_s, marching_s = extraction.query_seconds, extraction.marching_seconds
@@ -207,13 +217,15 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256])
     parser.add_argument("--fields", nargs="+", default=[*FIELDS, "decoder_smooth", "decoder"])
     parser.add_argument(
-        "--methods", nargs="+", default=["official", "dense", "blocks", "coarse_to_fine"]
+        "--methods",
+        nargs="+",
+        default=["official", "dense", "blocks", "coarse_to_fine", "certified"],
     )
     parser.add_argument("--chunk-size", type=int, help="points per query (default: per device)")
     parser.add_argument("--chunk-sweep", action="store_true", help="decoder field, dense, R=128")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--repeats", type=int, default=1, help="runs per case; the fastest is kept")
-    parser.add_argument("--backend", default="pymcubes")
+    parser.add_argument("--backend", default="auto")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/isosurface.json"))
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--field", help=argparse.SUPPRESS)
@@ -234,6 +246,7 @@ def main() -> None:
             for resolution in args.resolutions
             for field in args.fields
             for method in args.methods
+            if method != "certified" or field in LIPSCHITZ
         ]
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -29,12 +29,13 @@ from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset
 from utils.training import lora, recipes
 from utils.training.config import TrainConfig
+from utils.training.profiles import Profile
 from utils.training.train import fit
 
 OUT_OF_MEMORY = 3  # a case's exit status when its batch does not fit
 
 
-def bench_data(profile: recipes.Profile, root: Path, n_objects: int) -> Path:
+def bench_data(profile: Profile, root: Path, n_objects: int) -> Path:
     """`n_objects` objects at the profile's dataset settings (size, views, 3D points)."""
     folder = root / f"{profile.name}-{n_objects}"
     prepare_dataset(folder, **{**profile.dataset, "n_objects": n_objects})

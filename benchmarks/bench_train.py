@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from tsr.cameras import rays_from_c2w
 from tsr.config import named_config
+from tsr.files import write_text
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset
@@ -350,7 +351,7 @@ def main() -> None:
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "device": args.device}
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
+    write_text(args.json, json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
     print(f"wrote {args.json}")
 
 

@@ -13,10 +13,12 @@ import torch
 import trimesh
 from PIL import Image
 
+from tsr.errors import run_cli
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset
+from utils.evaluation.threshold import choose_threshold
 from utils.training.adapters import export_course_adapter, save_adapter
 from utils.training.lora import add_lora
 
@@ -33,7 +35,7 @@ def run(script: str, *args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """A 2-object dataset, an adapter (folder and course .pth) and a threshold the adapted
-    model surely reaches (its 0.9-quantile density on this object)."""
+    model surely reaches (`choose_threshold` on this object)."""
     tmp = tmp_path_factory.mktemp("cli")
     prepare_dataset(
         tmp / "data", families=("primitives",), n_objects=2, n_views=3, size=32, workers=1
@@ -46,18 +48,14 @@ def setup(tmp_path_factory) -> dict:
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
     adapter = save_adapter(model, tmp / "adapter")
     course = export_course_adapter(model, tmp / "lora_weights.pth")
-    code = model.encode(dataset[0]["cond_image"][None])[0]
-    axis = torch.linspace(-0.87, 0.87, 24)
-    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    with torch.no_grad():
-        density = model.renderer.query_triplane(model.decoder, points, code)["density_act"]
+    level = choose_threshold(model, model.encode(dataset[0]["cond_image"][None]))
     images = tmp / "images"
     images.mkdir()
     for object_id in dataset.object_ids:
         Image.open(tmp / "data" / object_id / "rgba" / "000.png").save(images / f"{object_id}.png")
     return {
         "tmp": tmp, "data": tmp / "data", "adapter": adapter, "course": course, "images": images,
-        "threshold": float(density.quantile(0.9)), "ids": dataset.object_ids,
+        "threshold": level, "ids": dataset.object_ids,
     }  # fmt: skip
 
 
@@ -102,9 +100,10 @@ def test_inference_single_image_with_the_course_pth_matches_the_adapter_folder(s
         "--format", "ply", cwd=tmp,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert (tmp / "mesh_lora.ply").is_file() and (tmp / "mesh_lora.json").is_file()
+    written = tmp / "outputs" / "inference"  # the default: under outputs/, not the working folder
+    assert (written / "mesh_lora.ply").is_file() and (written / "mesh_lora.json").is_file()
     # the course .pth (alpha folded into B) and our folder are the same adapter
-    from_course = trimesh.load(tmp / "mesh_lora.ply", force="mesh")
+    from_course = trimesh.load(written / "mesh_lora.ply", force="mesh")
     from_folder = trimesh.load(batch / "lora" / f"{object_id}.obj", force="mesh")
     assert from_course.vertices.shape == from_folder.vertices.shape
     assert abs(from_course.vertices - from_folder.vertices).max() < 1e-4
@@ -132,7 +131,7 @@ def test_evaluate_base_adapter_and_sphere(setup):
 def test_clis_fail_with_messages_naming_the_problem(setup, capsys):
     # In-process (the scripts' main), since starting Python costs seconds on a 2-core CPU.
     evaluate_main = runpy.run_path(str(ROOT / "evaluate.py"))["main"]
-    assert evaluate_main(["--data", str(setup["tmp"] / "nowhere")]) == 2
+    assert run_cli(evaluate_main, ["--data", str(setup["tmp"] / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     wrong = setup["tmp"] / "wrong.pth"
     torch.save({"transformer_blocks.0.attn1.to_q.A.weight": torch.zeros(16, 1024),

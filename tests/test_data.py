@@ -1,6 +1,8 @@
 """Renderer, object folders, course layout, dataset and ray sampling on tiny inputs."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import trimesh
 from PIL import Image
 
 from tsr.cameras import orbit_cameras, pixel_to_ray, rays_from_c2w
+from tsr.errors import UserInputError
 from tsr.preprocess import prepare_images, resize_foreground
 from utils.data.build import make_split, prepare_dataset
 from utils.data.course_layout import load_course_layout, write_course_layout
@@ -73,11 +76,15 @@ def test_alpha_mask_and_depth_agree_and_edges_are_antialiased():
     assert np.isfinite(depth).all()
 
 
-def test_mesh_without_colours_renders_grey_and_colours_show():
+def test_mesh_without_colours_renders_the_untextured_colour_and_colours_show():
     box = trimesh.creation.box(extents=(0.6, 0.6, 0.6))
-    rgba = render_views(box, tilted_cameras(1), FOVY, SIZE)["rgba"][0]
+    rgba = render_views(box, tilted_cameras(1), FOVY, SIZE)["rgba"][0].astype(float)
     inside = rgba[..., 3] == 255
-    assert (rgba[inside, 0] == rgba[inside, 1]).all() and (rgba[inside, 1] == rgba[inside, 2]).all()
+    # light scales all channels alike: the hue of the default colour survives where unclipped
+    lit = inside & (rgba[..., 0] < 250)
+    np.testing.assert_allclose(rgba[lit, 1] / rgba[lit, 0], 0.55 / 0.9, atol=0.02)
+    grey = render_views(box, tilted_cameras(1), FOVY, SIZE, untextured=(0.5, 0.5, 0.5))["rgba"][0]
+    assert (grey[inside, 0] == grey[inside, 1]).all() and (grey[inside, 1] == grey[inside, 2]).all()
     box.visual.face_colors = [200, 30, 30, 255]
     rgba = render_views(box, tilted_cameras(1), FOVY, SIZE)["rgba"][0]
     assert (rgba[inside, 0] > 3 * rgba[inside, 1]).all()
@@ -319,16 +326,21 @@ def test_statistics_describe_the_dataset(dataset_root):
     assert len(stats["objects"]) == 4
     assert all(0 < row["foreground_fraction"] < 1 for row in stats["objects"])
     assert summary["max_abs_coordinate_mean_min_max"][2] <= CUBE_RADIUS
-    with pytest.raises(FileNotFoundError, match=r"prepare_data\.py"):
+    with pytest.raises(UserInputError, match=r"prepare_data\.py"):
         MultiViewDataset(Path(dataset_root) / "missing")
 
 
 def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     from utils.data.dataset import MultiViewDataset
     from utils.data.prepare_object import occupancy_samples
+    from utils.data.render_views import Shader
 
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
-    samples = occupancy_samples(sphere, 2000, np.random.default_rng(0))
+    grey = np.array([0.7, 0.7, 0.7])
+    samples, labels = occupancy_samples(
+        sphere, 2000, np.random.default_rng(0), Shader(sphere, untextured=grey)
+    )
+    assert labels == {"method": "ray parity", "ambiguous_share": 0.0}  # watertight: exact
     points = samples["points"].astype(np.float32)
     assert points.shape == (2000, 3) and np.abs(points).max() <= 0.87
     distance = np.linalg.norm(points, axis=1)
@@ -340,14 +352,14 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     error = np.abs(sdf - (distance - 0.5))
     assert error.mean() < 0.003 and np.percentile(error, 99) < 0.012, error.max()
     assert (np.sign(sdf[clear]) == np.where(samples["inside"][clear], -1, 1)).all()
-    # colours: the renderer's grey, shaded by the fixed lights, bright where the key light faces
-    from utils.data.render_views import GREY, LIGHTS
+    # colours: the given grey, shaded by the fixed lights, bright where the key light faces
+    from utils.data.render_views import LIGHTS
 
     colour = samples["colour"].astype(np.float32) / 255
     key = np.asarray(LIGHTS[0][0]) / np.linalg.norm(LIGHTS[0][0])
     facing = points @ key / distance
     assert np.allclose(colour[:, 0], colour[:, 1], atol=2 / 255)  # grey stays grey
-    assert colour[facing > 0.9, 0].mean() > GREY[0] * 0.85 > colour[facing < -0.9, 0].mean()
+    assert colour[facing > 0.9, 0].mean() > grey[0] * 0.85 > colour[facing < -0.9, 0].mean()
 
     from utils.data.build import prepare_dataset
 
@@ -358,3 +370,21 @@ def test_occupancy_labels_match_an_analytic_sphere(tmp_path):
     assert item["occupancy_points"].shape == (64, 3) and item["occupancy"].shape == (64,)
     assert item["occupancy_sdf"].shape == (64,) and item["occupancy_colour"].shape == (64, 3)
     assert ((item["occupancy_sdf"] < 0) == (item["occupancy"] > 0.5)).all()
+
+
+def test_the_dataset_reader_imports_no_builder_libraries():
+    """The reader pulls in neither the CAD kernel nor the ray casters, and training and
+    evaluation import on a machine that has neither installed (trimesh imports them only
+    when present)."""
+    heavy = "('manifold3d', 'embreex', 'rtree')"
+    reader = (
+        "import sys, utils.data.dataset; print(sorted(m for m in sys.modules if "
+        f"m.split('.')[0] in {heavy} or m.startswith('trimesh.ray')))"
+    )
+    without = (
+        f"import sys; sys.modules.update(dict.fromkeys({heavy})); "  # None: import fails
+        "import utils.data.dataset, utils.training.train, utils.evaluation.evaluate; print('ok')"
+    )
+    for probe, expected in ((reader, "[]"), (without, "ok")):
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert result.stdout.strip() == expected, result.stdout + result.stderr

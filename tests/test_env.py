@@ -46,8 +46,9 @@ def test_report_names_torch_and_a_marching_cubes_backend(no_network, hub_cache):
         assert component in by_name
     assert by_name["torch"].status == "OK"
     assert by_name["marching cubes"].status == "OK"  # PyMCubes is a hard dependency
-    assert by_name["TripoSR weights"].status == "missing"  # the cache is empty
-    assert all(row.status in ("OK", "warn", "missing") for row in rows)
+    # The cache is empty, but the notebooks default to the shipped model: not a red "missing".
+    assert by_name["TripoSR weights"].status == "optional"
+    assert all(row.status in env.STATUS_COLORS for row in rows)
     assert all(row.fix for row in rows if row.status != "OK")  # every problem says what to do
 
 
@@ -62,7 +63,7 @@ def test_transformers_5_is_a_warning(monkeypatch):
 
 def test_optional_packages_warn_instead_of_failing():
     row = env._package_row("surely_not_installed_pkg", "surely-not-installed-pkg", "x", True)
-    assert row.status == "warn" and row.fix == "pip install surely-not-installed-pkg"
+    assert row.status == "optional" and row.fix == "pip install surely-not-installed-pkg"
     assert env._package_row("surely_not_installed_pkg", "surely-not", "x").status == "missing"
 
 
@@ -78,6 +79,9 @@ def test_weights_in_a_local_folder(tmp_path):
 
 def test_weights_in_the_hub_cache_are_found_offline(no_network, hub_cache):
     assert env.weights_status("stabilityai/TripoSR").status == "missing"
+    optional = env.weights_status("stabilityai/TripoSR", required=False)
+    assert optional.status == "optional" and "shipped model" in optional.details
+    assert "hf_hub_download" in optional.fix  # still says how to get them
     snapshot = cache_files(hub_cache, "stabilityai/TripoSR", env.WEIGHT_FILES)
     row = env.weights_status("stabilityai/TripoSR")
     assert row.status == "OK" and str(snapshot) in row.details
@@ -101,3 +105,10 @@ def test_html_and_text_tables_have_a_line_per_row_and_escape_text():
     assert env.STATUS_COLORS["missing"] in page
     text = env.format_report_text(rows)
     assert len(text.splitlines()) == 2 and "-> download them" in text
+
+
+def test_a_row_shown_alone_is_a_table_not_a_dataclass_repr():
+    row = env.EnvRow("TripoSR weights", "optional", "not in the cache", "download them")
+    page = row._repr_html_()
+    assert page.startswith("<table>") and page.count("<tr>") == 2
+    assert env.STATUS_COLORS["optional"] in page and "EnvRow(" not in page

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tsr.cameras import orbit_cameras, rays_from_c2w
+from tsr.errors import UserInputError
 from tsr.io import DEFAULT_MODEL
 from tsr.model import TSR
 from utils.data.course_layout import write_course_layout
@@ -168,7 +169,7 @@ def test_boolean_flags_refuse_what_is_not_a_boolean(text, capsys):
 
 
 def test_unknown_input_folder_says_what_to_do(tmp_path):
-    with pytest.raises(SystemExit, match=r"prepare_data\.py"):
+    with pytest.raises(UserInputError, match=r"prepare_data\.py"):
         fine_tuning.main(["--input_folder", str(tmp_path), "--output_dir", str(tmp_path / "o")])
 
 

@@ -16,6 +16,7 @@ from peft import (
 )
 
 from tsr.config import named_config
+from tsr.errors import UserInputError
 from tsr.model import TSR
 from utils.training.adapters import (
     base_fingerprint,
@@ -192,16 +193,16 @@ def test_adapters_that_do_not_fit_fail_naming_the_file(tmp_path):
     bad_target = {"backbone.transformer_blocks.7.attn1.to_q.A.weight": torch.zeros(4, 64)}
     bad_target["backbone.transformer_blocks.7.attn1.to_q.B.weight"] = torch.zeros(48, 4)
     torch.save(bad_target, tmp_path / "blocks.pth")
-    with pytest.raises(ValueError, match=r"blocks\.pth targets .*transformer_blocks\.7"):
+    with pytest.raises(UserInputError, match=r"transformer_blocks\.7.*blocks\.pth"):
         load_adapter(tiny(), tmp_path / "blocks.pth")
     bad_shape = {
         "transformer_blocks.0.attn1.to_q.A.weight": torch.zeros(16, 1024),
         "transformer_blocks.0.attn1.to_q.B.weight": torch.zeros(1024, 16),
     }
     torch.save(bad_shape, tmp_path / "full_size.pth")
-    with pytest.raises(ValueError, match=r"full_size\.pth.*another size"):
+    with pytest.raises(UserInputError, match=r"full_size\.pth.*another size"):
         load_adapter(tiny(), tmp_path / "full_size.pth")
-    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors"):
+    with pytest.raises(UserInputError, match=r"missing\.safetensors"):
         load_adapter(tiny(), tmp_path / "missing.safetensors")
 
 
@@ -231,3 +232,22 @@ def test_fingerprint_sees_every_byte_of_every_tensor():
         largest.view(-1)[-1] += 1.0  # the last value: beyond the first 4 KB of any tensor
     assert largest.numel() * largest.element_size() > 4096, name
     assert model.weights_fingerprint() != before
+
+
+@pytest.mark.parametrize("r, alpha", [(4, 8), (2, 16)])
+def test_adapted_layer_is_base_plus_alpha_over_r_times_b_a(tmp_path, r, alpha):
+    """W x + b + (alpha / r) B A x, computed by hand from the layer's own tensors, for the
+    adapter as trained and as saved and loaded again (alpha comes back from the files)."""
+    name = "backbone.transformer_blocks.1.attn1.to_out.0"  # a Linear with a bias
+    trained = trained_adapter(r=r, alpha=alpha)
+    folder = save_adapter(trained, tmp_path / "adapter")
+    for model in (trained, load_adapter(tiny(), folder)):
+        layer = model.get_submodule(name)
+        weight, bias = layer.base_layer.weight, layer.base_layer.bias  # (out, in), (out,)
+        lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert lora_a.shape == (r, weight.shape[1]) and lora_b.shape == (weight.shape[0], r)
+        x = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(2))
+        expected = x @ weight.T + bias + (alpha / r) * (x @ lora_a.T @ lora_b.T)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(expected, x @ weight.T + bias + x @ lora_a.T @ lora_b.T)

@@ -22,7 +22,7 @@ from tsr.mesh import build_trimesh, extract_isosurface, grid_axis
 
 REFERENCE = Path(__file__).parent / "fixtures" / "triposr" / "tiny_s0_ref.npz"
 RADIUS = 0.87
-CPU_BACKENDS = [b for b in ("pymcubes", "skimage") if b in available_backends()]
+CPU_BACKENDS = [b for b in ("torch", "pymcubes", "skimage") if b in available_backends()]
 CENTRE = (0.1, -0.05, 0.03)
 
 
@@ -51,6 +51,51 @@ def blobs(p: torch.Tensor) -> torch.Tensor:
 
 
 SMOOTH_FIELDS = {"sphere": sphere, "ellipsoid": ellipsoid, "torus": torus, "blobs": blobs}
+
+
+# Fields with parts smaller than a coarse cell (4 voxels), each with a Lipschitz bound derived
+# by hand: a ball's `r - |p - c|` changes by at most 1 per world unit, so do max/min of such.
+SMALL_PARTS_RESOLUTION = 64
+
+
+def grid_point(i: int, j: int, k: int, resolution: int = SMALL_PARTS_RESOLUTION) -> torch.Tensor:
+    return torch.tensor([i, j, k], dtype=torch.float32) * voxel(resolution) - RADIUS
+
+
+def floaters(p: torch.Tensor) -> torch.Tensor:
+    """A ball and three islands 1.2 voxels across between coarse samples (index 4n + 2), each
+    holding one grid point 0.3 voxels from its centre. Lipschitz bound 1."""
+    size = voxel(SMALL_PARTS_RESOLUTION)
+    centres = torch.stack([grid_point(*ijk) for ijk in ((10, 50, 42), (54, 6, 18), (30, 58, 10))])
+    centres = centres.to(p) + 0.3 * size / 3**0.5
+    islands = (0.6 * size - (p[:, None] - centres).norm(dim=-1)).amax(1)
+    return torch.maximum(sphere(p, 0.35), islands)
+
+
+def thin_parts(p: torch.Tensor) -> torch.Tensor:
+    """A plate one grid plane thick (z index 38, 0.2 voxels off it) and a spherical shell 1.2
+    voxels thick. Lipschitz bound 1."""
+    size = voxel(SMALL_PARTS_RESOLUTION)
+    plate = 0.5 * size - (p[:, 2] - (float(grid_point(0, 0, 38)[2]) + 0.2 * size)).abs()
+    shell = 0.6 * size - ((p - p.new_tensor([0.0, 0.1, -0.2])).norm(dim=-1) - 0.45).abs()
+    return torch.maximum(plate, shell)
+
+
+LUMP_AMPLITUDE, LUMP_FREQUENCY = 0.04, 25.0
+
+
+def lumpy(p: torch.Tensor) -> torch.Tensor:
+    """A ball dented by a 3-d sine product, plus the floaters. The product's gradient is at
+    most a*k*sqrt(3), so the bound is 1 + a*k*sqrt(3)."""
+    bumps = torch.sin(LUMP_FREQUENCY * p).prod(dim=-1) * LUMP_AMPLITUDE
+    return torch.maximum(sphere(p, 0.45) + bumps, floaters(p))
+
+
+SMALL_PART_FIELDS = {  # name: (field, Lipschitz bound)
+    "floaters": (floaters, 1.0),
+    "thin_parts": (thin_parts, 1.0),
+    "lumpy": (lumpy, 1.0 + LUMP_AMPLITUDE * LUMP_FREQUENCY * 3**0.5),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -272,10 +317,12 @@ def test_vertices_stay_in_the_box():
 @pytest.mark.parametrize(
     ("threshold", "words"), [(2.0, "above the whole field"), (-2.0, "below the whole field")]
 )
-@pytest.mark.parametrize("method", ["dense", "blocks", "coarse_to_fine"])
+@pytest.mark.parametrize("method", ["dense", "blocks", "coarse_to_fine", "certified"])
 def test_empty_surface_warns_and_gives_an_empty_mesh(threshold, words, method):
     with pytest.warns(UserWarning, match=words):
-        extraction = extract_isosurface(sphere, 24, threshold, method=method, block_resolution=8)
+        extraction = extract_isosurface(
+            sphere, 24, threshold, method=method, block_resolution=8, lipschitz=1.0
+        )
     assert extraction.is_empty
     assert extraction.verts.shape == (0, 3) and extraction.faces.shape == (0, 3)
 
@@ -335,6 +382,142 @@ def test_auto_switches_to_blocks_for_large_volumes(monkeypatch):
     assert extract_isosurface(sphere, 24, 0.0).method == "dense"
     monkeypatch.setattr(mesh, "AUTO_DENSE_MAX_BYTES", 4 * 20**3)
     assert extract_isosurface(sphere, 24, 0.0, progress=True).method == "blocks"
+    # 128-cell blocks: 2^3 of them at 140^3.
+    certified = extract_isosurface(sphere, 140, 0.0, lipschitz=1.0, chunk_size=1 << 16)
+    assert (certified.method, certified.n_blocks) == ("certified", 8)
+
+
+# Certified: only near the surface, with the dense mesh.
+def test_auto_is_certified_only_with_a_lipschitz_bound():
+    assert extract_isosurface(sphere, 24, 0.0, lipschitz=1.0).method == "certified"
+    assert extract_isosurface(sphere, 24, 0.0).method == "dense"
+    with pytest.raises(ValueError, match="needs lipschitz"):
+        extract_isosurface(sphere, 24, 0.0, method="certified")
+    with pytest.raises(ValueError, match="positive bound"):
+        extract_isosurface(sphere, 24, 0.0, lipschitz=0.0)
+
+
+@pytest.mark.parametrize("name", SMALL_PART_FIELDS)
+def test_certified_keeps_every_island_and_thin_part(name):
+    field, bound = SMALL_PART_FIELDS[name]
+    resolution = SMALL_PARTS_RESOLUTION
+    dense = extract_isosurface(field, resolution, 0.0, method="dense")
+    certified = extract_isosurface(field, resolution, 0.0, lipschitz=bound)
+    # Unqueried points only lie where no edge crosses: one volume gives the same arrays.
+    assert certified.method == "certified"
+    assert np.array_equal(certified.verts, dense.verts)
+    assert np.array_equal(certified.faces, dense.faces)
+    assert certified.n_queries <= 0.6 * dense.n_queries
+    # The fields do test something: the unproven coarse-to-fine loses parts of each.
+    refined = extract_isosurface(field, resolution, 0.0, method="coarse_to_fine")
+    assert len(refined.faces) < len(dense.faces)
+
+
+@pytest.mark.parametrize("cells", [16, 21])
+def test_certified_blocks_equal_dense_blocks(cells):
+    field, bound = SMALL_PART_FIELDS["lumpy"]
+    resolution = SMALL_PARTS_RESOLUTION
+    dense = extract_isosurface(field, resolution, 0.0, block_resolution=cells)
+    certified = extract_isosurface(field, resolution, 0.0, lipschitz=bound, block_resolution=cells)
+    assert certified.n_blocks == dense.n_blocks > 1
+    same_surface(certified, dense)
+
+
+def test_certified_queries_a_thin_band_around_the_surface():
+    # A distance field (bound 1) at 128^3: cells within about one cell diagonal of the
+    # surface stay unproven, a band some 12 voxels thick; the rest is proven from corners.
+    resolution = 128
+    certified = extract_isosurface(sphere, resolution, 0.0, lipschitz=1.0, chunk_size=1 << 16)
+    surface_voxels = 4 * np.pi * (0.5 / voxel(resolution)) ** 2
+    assert certified.n_queries < 12 * surface_voxels < 0.1 * resolution**3
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "classroom"])
+def test_models_default_extraction_is_dense(model_name):
+    """A learned density has no usable Lipschitz bound: the default is the dense mesh."""
+    from tsr import TSR
+
+    model = TSR.from_pretrained(model_name)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 20:44] = (200, 120, 40)
+    with torch.no_grad():
+        codes = model([image])
+        threshold = model.config.mc_threshold
+        if model_name == "tiny":  # random weights never reach 25: cut at the 90th percentile
+            points = torch.rand(4096, 3, generator=torch.Generator().manual_seed(0)) * 1.74 - 0.87
+            density = model.renderer.query_triplane(model.decoder, points, codes[0])
+            threshold = float(density["density_act"].quantile(0.9))
+    default = model.extract_mesh(codes, False, resolution=48, threshold=threshold)[0]
+    dense = model.extract_mesh(codes, False, resolution=48, threshold=threshold, method="dense")[0]
+    assert len(dense.faces) > 100
+    assert np.array_equal(default.vertices, dense.vertices)
+    assert np.array_equal(default.faces, dense.faces)
+
+
+# Our torch marching cubes against PyMCubes.
+def oriented_faces(faces: np.ndarray) -> list[tuple[int, int, int]]:
+    roll = np.argmin(faces, axis=1)  # each triangle from its smallest index, winding kept
+    rows = np.arange(len(faces))[:, None]
+    return sorted(map(tuple, faces[rows, (roll[:, None] + np.arange(3)) % 3].tolist()))
+
+
+def triangle_corners(verts: np.ndarray, faces: np.ndarray) -> list[tuple]:
+    """Each triangle as its corner positions (rounded to 1e-9), from its smallest corner."""
+    corners = [tuple(map(tuple, np.round(verts[face], 9))) for face in faces.astype(np.int64)]
+    first = [min(range(3), key=c.__getitem__) for c in corners]
+    return sorted(c[i:] + c[:i] for c, i in zip(corners, first, strict=True))
+
+
+def test_torch_marching_cubes_gives_pymcubes_triangles(reference):
+    rng = np.random.default_rng(0)
+    integer_ball = 30.0 - ((np.indices((13, 13, 13)) - 6) ** 2).sum(0)  # many exact zeros
+    volumes = [
+        reference["grid_density_act"].reshape(32, 32, 32) - reference["mc_threshold"],
+        rng.standard_normal((9, 14, 5)),  # every case, odd sizes
+        integer_ball,
+        np.ones((4, 4, 4)),  # no surface
+    ]
+    for volume in volumes:
+        level = torch.from_numpy(volume.astype(np.float32))
+        verts, faces = mc.marching_cubes_level(level, "torch")
+        expected_verts, expected_faces = mcubes.marching_cubes(level.numpy(), 0.0)
+        assert verts.shape == expected_verts.shape and faces.shape == expected_faces.shape
+        if len(faces) == 0:
+            continue
+        # The same triangles, wound the same way (outward), with the same (x, y, z) corners
+        # in grid units, to rounding. Compared by position: where the level is exactly 0,
+        # several edges put their vertex on one grid point.
+        assert triangle_corners(verts, faces) == triangle_corners(expected_verts, expected_faces)
+
+
+def test_torch_backend_world_coordinates_match_pymcubes():
+    ours = extract_isosurface(blobs, 40, 0.0, backend="torch")
+    theirs = extract_isosurface(blobs, 40, 0.0, backend="pymcubes")
+    assert ours.backend == "torch"
+    distance, index = cKDTree(theirs.verts).query(ours.verts)
+    assert distance.max() <= 1e-6  # float32 world coordinates
+    assert oriented_faces(index[ours.faces]) == oriented_faces(theirs.faces)
+
+
+# Estimates before long extractions.
+def test_long_extractions_warn_with_their_estimate(monkeypatch):
+    monkeypatch.setattr(mesh, "WARN_ABOVE_SECONDS", 0.0)
+    with pytest.warns(UserWarning, match=r"24\^3 grid \(dense, one volume\): about 13,824 density"):
+        extract_isosurface(sphere, 24, 0.0)
+    with pytest.warns(UserWarning, match=r"\(certified, one volume\): about [\d,]+ density"):
+        extract_isosurface(sphere, 24, 0.0, lipschitz=1.0)
+    monkeypatch.setattr(mesh, "WARN_ABOVE_SECONDS", 1e9)
+    monkeypatch.setattr(mesh, "WARN_ABOVE_MEMORY_SHARE", 0.0)
+    with pytest.warns(UserWarning, match=r"peak memory about [\d.]+ GiB of [\d.]+ GiB free"):
+        extract_isosurface(sphere, 24, 0.0)
+
+
+def test_memory_estimate_of_a_2048_grid():
+    cpu = torch.device("cpu")
+    dense = mesh._Estimate(2048, "dense", 1, 2047, 4, cpu).memory_bytes
+    blocks = mesh._Estimate(2048, "blocks", 16**3, 128, 4, cpu).memory_bytes
+    assert dense > 2048**3 * 4  # at least its float32 level volume: 32 GiB
+    assert blocks < 2**30  # one 129^3 block and the mesh
 
 
 @pytest.mark.parametrize("name", SMOOTH_FIELDS)
@@ -389,3 +572,21 @@ def test_cuda_queries_give_the_cpu_mesh():
     cpu = extract_isosurface(blobs, 48, 0.0, backend="pymcubes")
     cuda = extract_isosurface(blobs, 48, 0.0, backend="pymcubes", device="cuda")
     assert hausdorff(cpu.verts, cuda.verts) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_marching_cubes_runs_on_the_gpu():
+    field, bound = SMALL_PART_FIELDS["lumpy"]
+    level = field(
+        torch.stack(torch.meshgrid(*[grid_axis(64, RADIUS)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    )
+    level = level.reshape(64, 64, 64)
+    verts, faces = mc._marching_cubes_torch(level.cuda())
+    assert verts.is_cuda and faces.is_cuda
+    cpu_verts, cpu_faces = mc._marching_cubes_torch(level)
+    assert torch.equal(faces.cpu(), cpu_faces)
+    assert (verts.cpu() - cpu_verts).abs().max() <= 1e-6
+    certified = extract_isosurface(field, 64, 0.0, lipschitz=bound, device="cuda")
+    dense = extract_isosurface(field, 64, 0.0, method="dense", device="cuda")
+    same_surface(certified, dense)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from tsr import TSR
 from tsr.config import named_config
+from tsr.errors import UserInputError
 from tsr.preprocess import prepare_images
 
 FIXTURES = Path(__file__).parent / "fixtures" / "triposr"
@@ -232,12 +233,12 @@ def test_pickle_refused_by_weights_only(tiny_folder):
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"config\.yaml.*model\.ckpt|tiny"):
+    with pytest.raises(UserInputError, match=r"config\.yaml.*model\.ckpt|tiny"):
         TSR.from_pretrained(tmp_path)
     # huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import; set what they set.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(FileNotFoundError, match="tiny"):
+    with pytest.raises(UserInputError, match="tiny"):
         TSR.from_pretrained("stabilityai/TripoSR")
 
 

@@ -1,14 +1,12 @@
-"""The notebooks as files (clean, one settings cell, prose before short code), the helpers they
-share (utils/notebook/) and the runner behind `make demo`. Running the notebooks
-themselves is nbmake's job in `make test` (SMOKE=1)."""
+"""The notebooks as files (clean, one settings cell, prose before short code) and the helpers
+they share (utils/notebook/); the runner behind `make demo` has test_run_notebooks.py. The
+notebooks themselves run in tests/test_executed_notebooks.py, which also reads what they show."""
 
 from __future__ import annotations
 
 import ast
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -19,8 +17,8 @@ import trimesh
 
 from tsr.model import TSR
 from utils.data.dataset import read_object
-from utils.notebook import measuring, setup, tables
-from utils.notebook import previews as nbh
+from utils.evaluation.threshold import choose_threshold
+from utils.notebook import measuring, previews, setup, tables
 from utils.training import adapters, lora, recipes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,19 +118,19 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 def test_choose_threshold_keeps_the_models_level_when_the_field_crosses_it(tiny):
     code = torch.randn(1, 3, 8, 16, 16)
-    quantile = nbh.choose_threshold(tiny, code, quantile=0.5)  # 25 is far above this field
+    quantile = choose_threshold(tiny, code, quantile=0.5)  # 25 is far above this field
     assert quantile < tiny.config.mc_threshold
     original = tiny.config.mc_threshold
     try:
         tiny.config.mc_threshold = quantile
-        assert nbh.choose_threshold(tiny, code) == quantile
+        assert choose_threshold(tiny, code) == quantile
     finally:
         tiny.config.mc_threshold = original
 
 
 def test_mesh_extraction_benchmark_records_each_case(tiny):
     code = torch.randn(3, 8, 16, 16)
-    threshold = nbh.choose_threshold(tiny, code[None])
+    threshold = choose_threshold(tiny, code[None])
     renderer_chunk = tiny.renderer.chunk_size
     records = measuring.mesh_extraction_benchmark(tiny, code, threshold, (8, 16), (64, 4096))
     assert [(r["resolution"], r["chunk_size"]) for r in records] == [
@@ -149,7 +147,7 @@ def test_mesh_extraction_benchmark_records_each_case(tiny):
 def test_depth_points_lie_on_the_ground_truth_surface(smoke_data):
     object_dir = next(p for p in sorted(smoke_data.iterdir()) if (p / "meta.json").exists())
     views = read_object(object_dir)
-    points = nbh.depth_points(views, 1)
+    points = previews.depth_points(views, 1)
     _, distance, _ = trimesh.load(object_dir / "mesh.glb", force="mesh").nearest.on_surface(points)
     assert len(points) > 50 and np.median(distance) < 0.02
 
@@ -168,10 +166,75 @@ def test_gradient_norms_tell_lora_a_from_b(tiny):
     model = lora.add_lora(TSR.from_config("tiny", seed=0), r=4, alpha=4)
     image = torch.rand(1, model.config.cond_image_size, model.config.cond_image_size, 3)
     model.encode(image).square().mean().backward()
-    rows = {row["parameters"]: row for row in nbh.gradient_norms(model)}
+    rows = {row["parameters"]: row for row in previews.gradient_norms(model)}
     assert rows["base weights"]["with a gradient"] == 0
     assert rows["lora_A"]["gradient norm"] == 0.0  # B = 0 at initialisation blocks A's gradient
     assert rows["lora_B"]["gradient norm"] > 0.0
+
+
+def test_previews_keep_the_first_validation_and_amplify_the_change_since_it(tiny, smoke_data):
+    from utils.data.dataset import MultiViewDataset
+
+    model = TSR.from_config("tiny", seed=0)
+    val = MultiViewDataset(smoke_data, "val", 2, cond_size=model.config.cond_image_size)
+    preview = previews.PreviewCallback(model, val, size=16, max_rows=4)
+    shown = []
+    for step in (0, 50, 100, 150, 200):
+        preview.on_validation(step, {"val_loss": 1.0})
+        shown.append([step for step, _ in preview.shown()])
+        with torch.no_grad():  # a different model at every validation
+            model.decoder.layers[-1].bias.add_(0.05 * (step + 50) / 50)
+    # Every validation while they fit, then step 0 and the latest: step 0 is never dropped.
+    assert shown == [[0], [0, 50], [0, 50, 100], [0, 50, 100, 150], [0, 100, 150, 200]]
+    figure = preview.figure()
+    axes = np.array(figure.axes).reshape(4, 4)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["step 0", "step 100", "step 150", "step 200"]
+    assert len(axes[0, 3].images) == 0  # no change to show for the first row
+    first = preview.shown()[0][1]
+    changes = [np.abs(p - first).mean(axis=-1) for _, p in preview.shown()[1:]]  # by hand
+    gain = 1.0 / max(change.max() for change in changes)
+    drawn = np.asarray(axes[3, 3].images[0].get_array())
+    np.testing.assert_allclose(drawn, 1.0 - np.clip(changes[-1] * gain, 0, 1), atol=1e-6)
+    assert axes[0, 3].get_title() == f"change since step 0 (x{gain:.0f})"
+    assert axes[3, 3].images[0].get_clim() == (0.0, 1.0)  # grey levels are not stretched
+
+
+def test_lora_settings_compared_from_one_start(tmp_path, smoke_data):
+    from utils.data.dataset import MultiViewDataset
+    from utils.training.config import TrainConfig
+
+    size = TSR.from_config("tiny", seed=0).config.cond_image_size
+    train = MultiViewDataset(smoke_data, "train", 2, cond_size=size)
+    val = MultiViewDataset(smoke_data, "val", 2, cond_size=size)
+    variants = {"r=2": {"r": 2, "alpha": 2}, "r=4 cross": {"r": 4, "alpha": 8, "targets": "cross"}}
+    config = TrainConfig(max_steps=2, batch_size=1, rays_per_object=64, val_objects=1, val_every=1,
+                         early_stopping_patience=1, progress=False)  # fmt: skip
+    rows = measuring.compare_lora_settings("tiny", train, val, variants, config, "cpu", tmp_path)
+    assert [row["variant"] for row in rows] == list(variants)
+    assert all(row["steps"] == 2 for row in rows)  # no early stop: every variant runs as long
+    # LoRA is a no-op at step 0 (B = 0): every variant starts from the base model's numbers.
+    assert rows[0]["val_loss at 0"] == rows[1]["val_loss at 0"]
+    assert rows[0]["val_psnr at 0"] == rows[1]["val_psnr at 0"]
+    for row in rows:  # the changes, by hand
+        assert row["PSNR gain (dB)"] == pytest.approx(row["val_psnr"] - row["val_psnr at 0"])
+        assert row["val_loss change %"] == pytest.approx(
+            100 * (row["val_loss"] - row["val_loss at 0"]) / row["val_loss at 0"]
+        )
+    # Trainable parameters, by hand: r (d_in + d_out) per wrapped layer.
+    model = TSR.from_config("tiny", seed=0)
+    layers = {
+        "r=2": lora.resolve_targets(model, "attn"),
+        "r=4 cross": lora.resolve_targets(model, "cross"),
+    }
+    for row, r in zip(rows, (2, 4), strict=True):
+        shapes = [model.get_submodule(name) for name in layers[row["variant"]]]
+        assert row["trainable"] == sum(r * (m.in_features + m.out_features) for m in shapes)
+    assert (tmp_path / "r=2" / "adapter").is_dir()
+    logged = [json.loads(line) for line in (tmp_path / "r=2" / "metrics.jsonl").open()]
+    assert [r["step"] for r in logged if "val_loss" in r] == [0, 2]  # validated at both ends only
+    # the notebook run again: the throwaway runs are replaced, with the same numbers
+    again = measuring.compare_lora_settings("tiny", train, val, variants, config, "cpu", tmp_path)
+    assert [row["val_loss"] for row in again] == [row["val_loss"] for row in rows]
 
 
 def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path, smoke_data):
@@ -190,46 +253,16 @@ def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path,
     )
 
 
-def test_per_object_rows_and_the_most_changed_object_skip_nothing_but_empty_meshes():
+def test_the_most_changed_object_skips_nothing_but_empty_meshes():
     chamfer = {"base": [0.1, math.nan, 0.3], "LoRA": [0.12, 0.05, 0.2]}  # NaN: an empty mesh
     records = {
         model: [{"object_id": f"o{i}", "chamfer_l1": v} for i, v in enumerate(values)]
         for model, values in chamfer.items()
     }
     assert tables.most_changed(records, "chamfer_l1", "base", "LoRA") == 2
-    rows = tables.per_object_table(records, ["chamfer_l1"])
-    assert [row["object"] for row in rows] == ["o0", "o1", "o2"]
-    assert rows[2] == {"object": "o2", "chamfer_l1 base": 0.3, "chamfer_l1 LoRA": 0.2}
 
 
 def test_export_meshes_writes_every_format(tmp_path):
-    rows = nbh.export_meshes({"box": trimesh.creation.box()}, tmp_path, ("obj", "glb"))
+    rows = previews.export_meshes({"box": trimesh.creation.box()}, tmp_path, ("obj", "glb"))
     assert [Path(row["path"]).name for row in rows] == ["box.obj", "box.glb"]
     assert len(trimesh.load(tmp_path / "box.glb", force="mesh").faces) == 12
-
-
-# ---- scripts/run_notebooks.py -------------------------------------------------------------------
-def test_runner_runs_in_order_keeps_copies_and_stops_at_the_first_failure(tmp_path):
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
-    sources = {
-        "02_c": "open('order.txt', 'a').write('c')",
-        "00_a": "open('order.txt', 'a').write('a')",
-        "01_b": "open('order.txt', 'a').write('b')\nraise ValueError('broken on purpose')",
-    }
-    for name, source in sources.items():
-        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
-        nbformat.write(notebook, folder / f"{name}.ipynb")
-    out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "scripts" / "run_notebooks.py"), "--notebooks",
-               str(folder), "--out", str(out)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
-    assert "00_a.ipynb: ok" in done.stdout and "01_b.ipynb: FAILED" in done.stdout
-    assert "broken on purpose" in done.stderr
-    assert (folder / "order.txt").read_text() == "ab"  # in order, in their folder, 02_c not run
-    assert {p.name for p in out.iterdir()} == {
-        "00_a.ipynb", "00_a.html", "01_b.ipynb", "01_b.html", "runtimes.json"
-    }  # fmt: skip
-    failed = nbformat.read(out / "01_b.ipynb", as_version=4)
-    assert failed.cells[0].outputs[-1].output_type == "error"  # the copy shows what failed

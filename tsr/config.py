@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .errors import UserInputError
+
 ASSETS = Path(__file__).parent / "assets"
 
 # The classes the official config names, mapped to the config field each one fills.
@@ -196,14 +198,21 @@ def load_config(path: str | Path) -> TSRConfig:
     """Read an official-format `config.yaml`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model config {path} does not exist")
-    raw = yaml.safe_load(path.read_text())
+        raise UserInputError("model config not found", path, "put the model's config.yaml there")
+    fix = "restore the config.yaml that came with the weights (the official one for TripoSR)"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)  # 0-based line and column
+        place = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise UserInputError(f"not valid YAML{place}: {problem}", path, fix) from error
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a TripoSR config.yaml (expected a mapping)")
+        raise UserInputError("not a TripoSR config.yaml (expected a mapping)", path, fix)
     try:
         return config_from_dict(raw, config_dir=path.parent)
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        raise ValueError(f"{path}: {error}") from error
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+        raise UserInputError(f"not a usable TripoSR config ({error})", path, fix) from error
 
 
 def named_config(name: str) -> TSRConfig:

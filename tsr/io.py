@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from .config import ASSETS
+from .errors import UserInputError, brief
 
 # name -> folder with config.yaml + weights. "tiny": random weights in the official format,
 # for parity tests; "classroom": a small TripoSR pretrained by pretrain.py (recipe.json there).
@@ -38,17 +39,19 @@ def resolve_model_files(
             weight_path = alternative if alternative.is_file() else weight_path
         missing = [p.name for p in (config_path, weight_path) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"weights not found in {folder}: missing {missing}. Put the official config.yaml "
-                f"and model.ckpt there (from https://huggingface.co/{OFFICIAL_REPO}), or use "
-                "--pretrained tiny for the embedded model"
-            )
+            raise UserInputError(
+                f"weights not found: missing {missing}", folder,
+                f"put the official config.yaml and model.ckpt there (from "
+                f"https://huggingface.co/{OFFICIAL_REPO}), or use --pretrained tiny for the "
+                "embedded model",
+            )  # fmt: skip
         return config_path, weight_path
     if name.count("/") != 1 or name.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"{name!r} is neither a folder nor a Hugging Face repo id (owner/name). Pass a folder "
-            f"with config.yaml and model.ckpt, {OFFICIAL_REPO!r}, or 'tiny'"
-        )
+        raise UserInputError(
+            "neither a folder nor a Hugging Face repo id (owner/name)", name,
+            f"pass a folder with config.yaml and model.ckpt, {OFFICIAL_REPO!r}, or a shipped "
+            f"model ({', '.join(SHIPPED_MODELS)})",
+        )  # fmt: skip
     return _download_from_hub(name, config_name, weight_name)
 
 
@@ -61,11 +64,12 @@ def _download_from_hub(repo_id: str, config_name: str, weight_name: str) -> tupl
         config_path = hf_hub_download(repo_id, config_name)
         weight_path = hf_hub_download(repo_id, weight_name)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        raise FileNotFoundError(
-            f"could not get {config_name} and {weight_name} of {repo_id!r} from the Hub or its "
-            f"cache ({type(error).__name__}). Offline: download them elsewhere, put them in a "
-            "folder and pass that folder; or use --pretrained tiny for the embedded model"
-        ) from error
+        raise UserInputError(
+            f"could not get {config_name} and {weight_name} from the Hub or its cache "
+            f"({type(error).__name__})", repo_id,
+            "offline: download them elsewhere, put them in a folder and pass that folder; or "
+            "use --pretrained tiny for the embedded model",
+        ) from error  # fmt: skip
     return Path(config_path), Path(weight_path)
 
 
@@ -73,29 +77,53 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state dict from `.safetensors` or a torch checkpoint (weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserInputError("weights file not found", path, "check the path")
     if path.suffix == ".safetensors":
         try:
             return load_safetensors(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+            raise UserInputError(
+                f"not a readable safetensors file ({error})", path, "download or save it again"
+            ) from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds objects other than tensors, which weights_only loading refuses for "
-            "safety. Re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or "
-            "as safetensors"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {error}") from error
+        raise UserInputError(
+            "holds objects other than tensors, which weights_only loading refuses for safety",
+            path, "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or "
+            "as safetensors",
+        ) from error  # fmt: skip
+    except Exception as error:  # a damaged file raises anything from EOFError to IndexError
+        raise UserInputError(
+            f"not a readable torch checkpoint ({brief(error)})", path,
+            "download or save it again",
+        ) from error  # fmt: skip
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # Lightning-style wrapper
     if not isinstance(state, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
     ):
-        raise ValueError(f"{path} is not a state dict (a mapping of names to tensors)")
+        raise UserInputError(
+            "not a state dict (a mapping of names to tensors)", path, "pass a model checkpoint"
+        )
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or inf, naming the tensors: a model built on them renders
+    nothing and meshes nothing, and training on them stops at its first step."""
+    broken = [
+        key
+        for key, value in state.items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if broken:
+        shown = ", ".join(broken[:5]) + (f", ... ({len(broken)} in all)" if len(broken) > 5 else "")
+        raise UserInputError(
+            f"weights hold NaN or inf values in {shown}", source,
+            "the file is damaged or was saved from a diverged run: use another copy or an "
+            "earlier checkpoint",
+        )  # fmt: skip
 
 
 def check_state_dict(
@@ -122,7 +150,8 @@ def check_state_dict(
                 f", ... ({len(items)} in all)" if len(items) > 5 else ""
             )
             problems.append(f"{label}: {shown}")
-    raise ValueError(
-        f"{source} does not fit the model built from {config} (expected a TripoSR checkpoint of "
-        f"{len(expected)} tensors, found {len(found)}). " + "; ".join(problems)
-    )
+    raise UserInputError(
+        f"does not fit the model built from {config} (expected a TripoSR checkpoint of "
+        f"{len(expected)} tensors, found {len(found)}): " + "; ".join(problems), source,
+        "pass the config.yaml that belongs to these weights",
+    )  # fmt: skip

@@ -3,10 +3,10 @@
 The grid is TripoSR's: `linspace(0, 1, R)` per axis, x slowest, scaled to [-radius, radius];
 the surface is `density == threshold`, inside is `density > threshold` (a field that is
 lower inside gives an inside-out mesh: negate it first). The grid is queried densely (as
-TripoSR), or coarse-to-fine, in one volume or in blocks welded at their seams; see
-`extract_isosurface`. Coordinates are never built for the whole grid: each chunk makes its
-points from flat indices, and results go straight into a preallocated level volume
-(`density - threshold`).
+TripoSR), or only near the surface (tsr.grid_sampling), in one volume or in blocks welded at
+their seams; see `extract_isosurface`. Coordinates are never built for the whole grid: each
+chunk makes its points from flat indices, and results go straight into a preallocated level
+volume (`density - threshold`).
 """
 
 from __future__ import annotations
@@ -17,26 +17,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
-import torch.nn.functional as F
 import trimesh
 from tqdm.auto import tqdm
 
+from tsr.grid_sampling import Certified, CoarseToFine, DensityFn, GridQuery, sample_dense
 from tsr.marching_cubes import marching_cubes_level, resolve_backend, weld_block_seams
+from tsr.renderer import DECODER_CHUNK
 
-DensityFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N,) density
 ColorFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N, 3) in [0, 1]
 
-METHODS = ("auto", "dense", "coarse_to_fine", "blocks")
+METHODS = ("auto", "dense", "coarse_to_fine", "certified", "blocks")
 # Points per density_fn call when chunk_size is None. On a 2-core CPU a TripoSR-sized
 # decoder is fastest at 8192-16384 points (larger chunks fall out of cache: 32768 costs 1.35x,
 # 262144 3x); a GPU wants larger chunks to fill it (131072 = a few tens of MB of activations;
 # not measured here).
-CHUNK_SIZE_CPU = 8192
+CHUNK_SIZE_CPU = DECODER_CHUNK
 CHUNK_SIZE_CUDA = 131072
 DEFAULT_CHUNK_SIZE = None  # per device, as above
 # "auto" keeps one volume up to this size (R = 406), then switches to blocks.
 AUTO_DENSE_MAX_BYTES = 256 * 2**20
+# The progress bar appears only once an extraction has run this long, so quick ones stay quiet.
+PROGRESS_DELAY_SECONDS = 2.0
+# An extraction expected to run longer than this, or to need more than this share of the
+# free memory, says so first, with its estimate.
+WARN_ABOVE_SECONDS = 60.0
+WARN_ABOVE_MEMORY_SHARE = 0.5
+# Marching cubes per grid cell with the torch backend on 2 CPU cores (0.6 s at 256^3 on a
+# busy machine; PyMCubes 1.0 s). Used on a GPU too, where it overestimates.
+MARCHING_SECONDS_PER_CELL = 4e-8
+# Bytes per grid point of a volume being meshed: the float32 level, and marching cubes'
+# packed case bits and mask.
+BYTES_PER_VOLUME_POINT = 8
+# Bytes per R^2 of a finished mesh: a closed surface about the size of the box's inscribed
+# ball has ~2 R^2 vertices (float64 xyz) and ~4 R^2 faces (int64), 150 B per R^2.
+MESH_BYTES_PER_R2 = 150
 
 
 @dataclass
@@ -66,145 +82,18 @@ def grid_axis(resolution: int, radius: float, device: torch.device | str = "cpu"
     return unit * (2 * radius) + -radius
 
 
+def grid_to_world(verts: np.ndarray, resolution: int, radius: float) -> np.ndarray:
+    """Marching-cubes vertices in grid units (0 .. R-1) -> world coordinates. (V, 3) -> (V, 3)
+
+    matches TripoSR: float32 grid units / (R - 1), then t * (2r) + (-r) in float32 (torch), the
+    same arithmetic as `grid_axis`, so a vertex on a grid plane lands exactly on it.
+    """
+    world = torch.from_numpy(np.asarray(verts, dtype=np.float32)) / (resolution - 1.0)
+    return (world * (2 * radius) + -radius).numpy()
+
+
 def default_chunk_size(device: torch.device | str | None) -> int:
     return CHUNK_SIZE_CUDA if torch.device(device or "cpu").type == "cuda" else CHUNK_SIZE_CPU
-
-
-@dataclass
-class _GridQuery:
-    """density_fn on grid points, written as `density - threshold` into level volumes."""
-
-    density_fn: DensityFn
-    threshold: float
-    chunk_size: int
-    bar: tqdm | None  # advanced once per chunk, when given
-    seen: torch.Tensor  # (2,) min and max density queried so far, kept on the device
-    n_queries: int = 0
-
-    def __call__(self, axes, out: torch.Tensor, point_ids: torch.Tensor | None = None) -> None:
-        """Fill out (X*Y*Z,), the flat level volume of the grid `axes[0] x axes[1] x axes[2]`
-        (x slowest), at point_ids (flat indices; all points when None).
-        """
-        n_points = out.numel() if point_ids is None else point_ids.numel()
-        step = self.chunk_size if self.chunk_size > 0 else max(n_points, 1)
-        chunks = list(self._chunks(axes, step, point_ids))
-        if self.bar is not None:
-            self.bar.total = (self.bar.total or 0) + len(chunks)
-            self.bar.refresh()
-        for target, make_points in chunks:
-            points = make_points()  # (N, 3)
-            density = self.density_fn(points)
-            if density.numel() != len(points):
-                raise ValueError(
-                    f"density_fn returned shape {tuple(density.shape)} for {len(points)} points: "
-                    "it must return one density per point, shaped (N,) or (N, 1)"
-                )
-            density = density.reshape(-1).float()
-            out[target] = density - self.threshold  # in float32, as TripoSR
-            low, high = torch.aminmax(density)
-            self.seen[0], self.seen[1] = self.seen[0].minimum(low), self.seen[1].maximum(high)
-            if self.bar is not None:
-                self.bar.update(1)
-        self.n_queries += n_points
-
-    @staticmethod
-    def _chunks(axes, step: int, point_ids: torch.Tensor | None):
-        """(where in the flat volume, a function making the chunk's points) per chunk.
-
-        All points: whole x-slabs are built from one precomputed (y, z) plane by slicing, so
-        a chunk costs no index arithmetic (TripoSR's loop slices a prebuilt grid; this is as
-        cheap without building it). Chosen points: coordinates from their flat indices.
-        """
-        nx, ny, nz = (len(a) for a in axes)
-        if point_ids is not None:
-            for start in range(0, point_ids.numel(), step):
-                ids = point_ids[start : start + step]
-
-                def make(ids=ids):
-                    x, y, z = ids // (ny * nz), (ids // nz) % ny, ids % nz
-                    return torch.stack([axes[0][x], axes[1][y], axes[2][z]], dim=-1)
-
-                yield ids, make
-            return
-        plane = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), -1).reshape(-1, 2)
-        size = len(plane)  # Y*Z points per x-slab
-        slabs = max(1, step // size)  # whole slabs per chunk when a slab is smaller than a chunk
-        for x0 in range(0, nx, slabs):
-            xs = axes[0][x0 : x0 + slabs]  # (S,)
-            for start in range(0, size, step):
-                rows = plane[start : start + step]  # (N, 2)
-                first = x0 * size + start
-                target = slice(first, first + len(xs) * len(rows))  # contiguous: x slowest
-
-                def make(xs=xs, rows=rows):
-                    x = xs.repeat_interleave(len(rows))[:, None]
-                    return torch.cat([x, rows.repeat(len(xs), 1)], dim=-1)
-
-                yield target, make
-
-
-class _CoarseToFine:
-    """The coarse pass over the whole grid, and fine sampling of any block from it.
-
-    Every decision (which points to query, what to fill in) is a function of the global
-    coarse grid, so two blocks agree on the points they share and their meshes weld.
-    """
-
-    def __init__(self, query: _GridQuery, axis: torch.Tensor, coarse_step: int, margin: int):
-        resolution, device = len(axis), axis.device
-        self.step = coarse_step
-        # Fine indices of the coarse planes: every step-th one, plus the last.
-        coarse_ids = torch.arange(0, resolution, coarse_step, device=device)
-        if coarse_ids[-1] != resolution - 1:
-            coarse_ids = torch.cat([coarse_ids, coarse_ids.new_tensor([resolution - 1])])
-        self.n_coarse = len(coarse_ids)
-        coarse_axis = axis[coarse_ids]
-        self.coarse = torch.empty(self.n_coarse**3, device=device)
-        query((coarse_axis,) * 3, self.coarse)
-        self.coarse = self.coarse.view((self.n_coarse,) * 3)
-        # A cell straddles when its 8 corners are not all on one side.
-        inside = (self.coarse > 0).to(torch.float32)[None, None]  # (1, 1, K, K, K)
-        inside_fraction = F.avg_pool3d(inside, kernel_size=2, stride=1)  # (1, 1, K-1, K-1, K-1)
-        selected = (inside_fraction > 0) & (inside_fraction < 1)
-        # Dilate so that surface bulging into a cell with same-sign corners is sampled too.
-        selected = F.max_pool3d(selected.float(), 2 * margin + 1, stride=1, padding=margin)
-        self.selected = selected[0, 0] > 0  # (K-1, K-1, K-1) cells
-
-    def _cells_of(self, fine_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (up to two) coarse cells along one axis that contain each fine index."""
-        last = self.n_coarse - 2
-        below = ((fine_ids + self.step - 1) // self.step - 1).clamp(0, last)
-        above = (fine_ids // self.step).clamp(0, last)
-        return below, above
-
-    def sample(self, query: _GridQuery, axis: torch.Tensor, lo, hi) -> torch.Tensor:
-        """(X, Y, Z) level volume of the block of grid points lo..hi (inclusive)."""
-        fine = [torch.arange(a, b + 1, device=axis.device) for a, b in zip(lo, hi, strict=True)]
-        cells = [self._cells_of(ids) for ids in fine]  # per axis: (cell below, cell above)
-        near = [(ids + self.step // 2) // self.step for ids in fine]
-        near = [ids.clamp(max=self.n_coarse - 1) for ids in near]
-        # Outside refined cells, the nearest coarse point is a corner of a cell whose corners
-        # all share one sign: the fill has the right sign and no spurious crossing.
-        level = self.coarse[near[0][:, None, None], near[1][None, :, None], near[2][None, None, :]]
-        block_cells = tuple(slice(below[0], above[-1] + 1) for below, above in cells)
-        if not self.selected[block_cells].any():  # far from the surface: nothing to refine
-            return level
-        # Query a point when any cell containing it is selected; the "any" is separable, so
-        # it is taken one axis at a time: (K,K,K) -> (X,K,K) -> (X,Y,K) -> (X,Y,Z).
-        wanted = self.selected
-        for dim, (below, above) in enumerate(cells):
-            wanted = wanted.index_select(dim, below) | wanted.index_select(dim, above)
-        point_ids = torch.nonzero(wanted.reshape(-1)).squeeze(1)
-        query(tuple(axis[ids] for ids in fine), level.view(-1), point_ids)
-        return level
-
-
-def _sample_dense(query: _GridQuery, axis: torch.Tensor, lo, hi) -> torch.Tensor:
-    """(X, Y, Z) level volume of the block of grid points lo..hi (inclusive), all queried."""
-    axes = tuple(axis[a : b + 1] for a, b in zip(lo, hi, strict=True))
-    level = torch.empty(tuple(len(ax) for ax in axes), device=axis.device)
-    query(axes, level.view(-1))
-    return level
 
 
 def _block_ranges(resolution: int, block_cells: int) -> list[tuple[int, int]]:
@@ -212,6 +101,67 @@ def _block_ranges(resolution: int, block_cells: int) -> list[tuple[int, int]]:
     return [
         (a, min(a + block_cells, resolution - 1)) for a in range(0, resolution - 1, block_cells)
     ]
+
+
+@dataclass
+class _Estimate:
+    """What an extraction will cost, said before a long or large one starts."""
+
+    resolution: int
+    method: str
+    n_blocks: int
+    block_cells: int
+    coarse_step: int
+    device: torch.device
+
+    @property
+    def memory_bytes(self) -> int:
+        """Peak memory, less density_fn's own working memory: one volume being meshed, the
+        coarse grids of the band methods, and the finished mesh."""
+        volume = (self.block_cells + 1) ** 3 * BYTES_PER_VOLUME_POINT
+        coarse = 0
+        if self.method in ("coarse_to_fine", "certified"):
+            # values (float32) + masks; "certified" also keeps its parent level and signs
+            per_point = 8 if self.method == "coarse_to_fine" else 16
+            coarse = ((self.resolution - 1) // self.coarse_step + 2) ** 3 * per_point
+        return volume + coarse + MESH_BYTES_PER_R2 * self.resolution**2
+
+    def free_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return psutil.virtual_memory().available
+
+    def warn_if_short_of_memory(self) -> None:
+        if self.memory_bytes > WARN_ABOVE_MEMORY_SHARE * self.free_bytes():
+            warnings.warn(self._message(), stacklevel=3)
+
+    def warn_if_slow(self, n_queries: int, seconds_per_query: float) -> None:
+        marching = self.n_blocks * self.block_cells**3 * MARCHING_SECONDS_PER_CELL
+        seconds = n_queries * seconds_per_query + marching
+        if seconds > WARN_ABOVE_SECONDS:
+            queries = (
+                f"about {n_queries:,} density queries at {seconds_per_query * 1e6:.3g} us each "
+                f"(as measured so far) = {_duration(n_queries * seconds_per_query)}, marching cubes "
+                f"about {_duration(marching)}: about {_duration(seconds)} in all; "
+            )
+            warnings.warn(self._message(queries), stacklevel=4)
+
+    def _message(self, time_part: str = "") -> str:
+        tiling = "one volume" if self.n_blocks == 1 else f"{self.n_blocks:,} blocks"
+        return (
+            f"mesh extraction on a {self.resolution}^3 grid ({self.method}, {tiling}): "
+            f"{time_part}peak memory about {self.memory_bytes / 2**30:.2f} GiB of "
+            f"{self.free_bytes() / 2**30:.1f} GiB free on {self.device.type}. A lower "
+            "resolution costs 8x less per halving; method 'blocks' bounds the memory."
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _empty_surface_message(threshold: float, low: float, high: float) -> str:
@@ -238,8 +188,9 @@ def extract_isosurface(
     block_resolution: int | None = None,
     coarse_step: int = 4,
     margin: int = 1,
+    lipschitz: float | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> MeshExtraction:
     """Mesh of the surface `density_fn == threshold` (inside > threshold) on an R^3 grid.
 
@@ -247,16 +198,25 @@ def extract_isosurface(
       "dense": all R^3 points, one volume (TripoSR's way, bit-exact to it).
       "blocks": all points, in blocks of `block_resolution` cells (default 128): same mesh as
         "dense" up to vertex order, memory of one block.
+      "certified": the mesh of "dense", querying only near the surface. Needs `lipschitz`,
+        an upper bound on |density(a) - density(b)| / |a - b| (world units) inside the box:
+        coarse grids, refined down to `coarse_step` points where the bound cannot rule the
+        surface out (tsr.grid_sampling.Certified). The guarantee is the bound's: a smaller
+        one than the field's true slope can drop islands and thin parts.
       "coarse_to_fine": a coarse grid every `coarse_step` points, then all points only near
         its threshold crossings (`margin` coarse cells around them). Misses what no coarse
         cell straddles: islands farther than `margin` cells from the rest of the surface
         and parts thinner than about `coarse_step` voxels.
-      "auto": all points; one volume up to AUTO_DENSE_MAX_BYTES, blocks above.
+      "auto": "certified" when `lipschitz` is given, else "dense" (no bound, no proof: a
+        learned field such as TSR's has none that is usable); tiled in blocks above
+        AUTO_DENSE_MAX_BYTES.
     block_resolution: block size in cells; given, it tiles any method; None tiles "blocks",
-    and "coarse_to_fine"/"auto" when one volume would exceed AUTO_DENSE_MAX_BYTES.
+    and "coarse_to_fine"/"certified"/"auto" when one volume would exceed AUTO_DENSE_MAX_BYTES.
     chunk_size: points per density_fn call (0 = all at once; None = CHUNK_SIZE_CPU or
-    CHUNK_SIZE_CUDA). device: where points are made and density_fn runs (default CPU).
-    progress: a tqdm bar over query chunks (one volume) or blocks.
+    CHUNK_SIZE_CUDA). device: where points are made, density_fn and marching cubes run.
+    progress: a tqdm bar over query chunks (one volume) or blocks, shown once the extraction
+    has run PROGRESS_DELAY_SECONDS. An extraction estimated to exceed WARN_ABOVE_SECONDS or
+    WARN_ABOVE_MEMORY_SHARE of the free memory warns first, with its numbers.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
@@ -267,12 +227,19 @@ def extract_isosurface(
             f"need coarse_step >= 1, margin >= 0 and block_resolution >= 1 (or None), got "
             f"{coarse_step}, {margin} and {block_resolution}"
         )
+    if lipschitz is not None and not lipschitz > 0:
+        raise ValueError(f"lipschitz must be a positive bound on the density's slope: {lipschitz}")
+    if method == "certified" and lipschitz is None:
+        raise ValueError(
+            "method 'certified' needs lipschitz=, a bound on how fast the density changes per "
+            "world unit; without one use method='dense' (or 'auto', which falls back to it)"
+        )
     backend = resolve_backend(backend)
     too_big = 4 * resolution**3 > AUTO_DENSE_MAX_BYTES
     if block_resolution is None and (method == "blocks" or (method != "dense" and too_big)):
         block_resolution = 128
     if method == "auto":
-        method = "dense"
+        method = "dense" if lipschitz is None else "certified"
     if method == "dense" and block_resolution is not None:
         method = "blocks"
     block_cells = min(block_resolution or resolution - 1, resolution - 1)
@@ -283,9 +250,16 @@ def extract_isosurface(
     blocks = [(rx, ry, rz) for rx in ranges for ry in ranges for rz in ranges]
     # One volume: a bar over its query chunks. Blocks: a bar over blocks.
     one_volume = len(blocks) == 1
-    bar = tqdm(desc="mesh", unit="chunk" if one_volume else "block", disable=not progress)
+    bar = tqdm(
+        desc=f"mesh {resolution}^3 {method}",
+        unit="chunk" if one_volume else "block",
+        disable=not progress,
+        delay=PROGRESS_DELAY_SECONDS,
+    )
     bar.total = None if one_volume else len(blocks)
     chunk_bar = bar if one_volume else None
+    estimate = _Estimate(resolution, method, len(blocks), block_cells, coarse_step, device)
+    estimate.warn_if_short_of_memory()
 
     query_seconds = marching_seconds = 0.0
     block_verts, block_faces, n_verts = [], [], 0
@@ -293,11 +267,21 @@ def extract_isosurface(
     with torch.inference_mode():
         axis = grid_axis(resolution, radius, device)  # (R,)
         seen = torch.tensor([torch.inf, -torch.inf], device=device)
-        query = _GridQuery(density_fn, threshold, chunk_size, chunk_bar, seen)
+        query = GridQuery(density_fn, threshold, chunk_size, chunk_bar, seen)
         tick = time.perf_counter()
-        sample = _sample_dense
-        if method == "coarse_to_fine":
-            sample = _CoarseToFine(query, axis, coarse_step, margin).sample
+        sample = sample_dense
+        n_queries = resolution**3
+        if method not in ("dense", "blocks"):
+            band = (
+                CoarseToFine(query, axis, coarse_step, margin)
+                if method == "coarse_to_fine"
+                else Certified(query, axis, coarse_step, lipschitz)
+            )
+            sample, n_queries = band.sample, band.fine_queries_estimate
+        if query.seconds_per_point is None:
+            query.after_warm_chunk = lambda rate: estimate.warn_if_slow(n_queries, rate)
+        else:
+            estimate.warn_if_slow(n_queries, query.seconds_per_point)
         query_seconds += time.perf_counter() - tick
         for block in blocks:
             tick = time.perf_counter()
@@ -333,15 +317,13 @@ def extract_isosurface(
     if not one_volume:
         seams = np.array([b for _, b in ranges[:-1]], np.float64)
         verts, faces = weld_block_seams(verts, faces, seams, seam_tolerance)
-    # matches TripoSR: float32 grid units / (R - 1), then t * (2r) + (-r) in float32 (torch).
-    world = torch.from_numpy(verts.astype(np.float32)) / (resolution - 1.0)
-    world = world * (2 * radius) + -radius
+    world = grid_to_world(verts, resolution, radius)
     marching_seconds += time.perf_counter() - tick
     low, high = seen.tolist()
     if len(faces) == 0:
         warnings.warn(_empty_surface_message(threshold, low, high), stacklevel=2)
     return MeshExtraction(
-        verts=world.numpy(),
+        verts=world,
         faces=faces,
         n_queries=query.n_queries,
         resolution=resolution,

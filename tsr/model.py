@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from torch import nn
 from . import mesh as mesh_extraction
 from .cameras import CAMERA_DISTANCE, FOVY_DEG, orbit_cameras, rays_from_c2w
 from .config import TSRConfig, load_config, named_config
+from .files import atomic_path, save_torch, write_text
 from .image_encoder import DINOSingleImageTokenizer
-from .io import check_state_dict, read_state_dict, resolve_model_files
+from .io import check_finite, check_state_dict, read_state_dict, resolve_model_files
 from .preprocess import ImageLike, prepare_images
 from .renderer import TriplaneNeRFRenderer
 from .transformer import Transformer1D
@@ -74,6 +76,7 @@ class TSR(nn.Module):
             model = cls(config)
         state = read_state_dict(weight_path)
         check_state_dict(model.state_dict(), state, str(weight_path), str(config_path))
+        check_finite(state, weight_path)
         model.load_state_dict(state, strict=True, assign=True)
         model.image_tokenizer.register_normalisation()  # buffers are not in checkpoints
         model.source = str(pretrained_model_name_or_path)
@@ -84,26 +87,24 @@ class TSR(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(self.config.to_yaml())
+        write_text(folder / "config.yaml", self.config.to_yaml())
         state = {key: value.contiguous() for key, value in self.state_dict().items()}
         if safe_serialization:
-            save_file(state, str(folder / "model.safetensors"))
+            with atomic_path(folder / "model.safetensors") as path:
+                save_file(state, str(path))
         else:
-            torch.save(state, folder / "model.ckpt")
+            save_torch(state, folder / "model.ckpt")
         return folder
 
     def weights_fingerprint(self) -> str:
         """A short hash of every byte of the base weights (names, shapes and values as float32),
-        so an adapter can tell which model it was made for. One blake2b pass: well under a
-        second for the full-size model."""
-        digest = hashlib.blake2b(digest_size=8)
-        for key, value in sorted(self.state_dict().items()):
-            if "lora_" in key:
-                continue
-            digest.update(f"{key}{tuple(value.shape)}".encode())
-            digest.update(value.detach().float().cpu().contiguous().numpy().data)
-        return digest.hexdigest()
+        so an adapter can tell which model it was made for. SHA-256 (hardware-accelerated on
+        most CPUs) per tensor, tensors in parallel threads (hashlib releases the GIL), then a
+        hash of those digests."""
+        tensors = sorted((k, v) for k, v in self.state_dict().items() if "lora_" not in k)
+        with ThreadPoolExecutor() as pool:
+            digests = pool.map(lambda item: _tensor_digest(*item), tensors)
+            return hashlib.sha256(b"".join(digests)).hexdigest()[:16]
 
     # ---- image -> scene codes ----------------------------------------------------------
     def encode(self, rgb_cond: torch.Tensor) -> torch.Tensor:
@@ -190,9 +191,13 @@ class TSR(nn.Module):
         """Marching cubes on density_act = threshold, one mesh per scene.
 
         threshold None uses the model config's (25.0 for the official model). `method`:
-        "dense" (the official grid), "coarse_to_fine" (queries only near the surface),
-        "blocks" (bounded memory for 512+), "auto" (dense, or blocks when the volume is big).
-        `chunk_size` is points per grid query; `renderer.set_chunk_size` splits them further.
+        "dense" (the official grid), "coarse_to_fine" (queries only near the surface, may drop
+        small parts), "blocks" (bounded memory for 512+), "auto" (dense, or blocks when the
+        volume is big). "auto" is not surface-only: that needs a Lipschitz bound on the
+        density to be exact, and the decoder's provable bounds are thousands of times its
+        real slope (see tsr.mesh). `chunk_size` is points per grid query;
+        `renderer.set_chunk_size` splits them further. A long extraction shows a progress bar
+        and warns first with its estimated time and memory.
         """
         threshold = self.config.mc_threshold if threshold is None else threshold
         meshes = []
@@ -223,6 +228,12 @@ class TSR(nn.Module):
                 )
             )
         return meshes
+
+
+def _tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+    digest = hashlib.sha256(f"{name}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().float().cpu().contiguous().numpy().data)
+    return digest.digest()
 
 
 def _convert_image(rgb: torch.Tensor, return_type: str) -> Image.Image | np.ndarray | torch.Tensor:

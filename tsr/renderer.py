@@ -13,6 +13,10 @@ from torch import nn
 
 from .config import RendererConfig
 
+# matches TripoSR: its default points per decoder call; also the fastest chunk on a 2-core CPU
+# for a TripoSR-sized decoder (tsr/mesh.py measures it)
+DECODER_CHUNK = 8192
+
 
 def ray_cube_radius(radius: float) -> float:
     """Half-size of the cube rays are cut to, for a scene in [-radius, radius]^3.
@@ -50,7 +54,7 @@ class TriplaneNeRFRenderer(nn.Module):
                 "only feature_reduction='concat' and density_activation='exp' are built"
             )
         self.config = config
-        self.chunk_size = 8192  # points per decoder call; 0 = all at once (official default 8192)
+        self.chunk_size = DECODER_CHUNK  # points per decoder call; 0 = all at once
 
     def set_chunk_size(self, chunk_size: int) -> None:
         if chunk_size < 0:

@@ -5,7 +5,8 @@ recursively). Each object goes through `prepare_object` (atomic, skipped when al
 then two small files describe the set:
 
     data/<set>/split.json     seeded train/val/test object ids, stratified by family
-    data/<set>/dataset.json   settings, object ids, skipped files and why
+    data/<set>/dataset.json   settings, object ids, skipped files and why, how occupancy
+                              points were labelled (objects without trustworthy ones listed)
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, load_mesh
+from tsr.errors import UserInputError
+from tsr.files import write_text
+from utils.data.materials import UNTEXTURED_COLOUR, untextured_setting
+from utils.data.meshes import MESH_SUFFIXES, MeshLoadError, geometry_problem, input_up_axis, read_mesh
 from utils.data.prepare_object import prepare_object
 from utils.data.shapes import FAMILIES, make_shape
+
+
+MIN_VIEWS = 2  # view 0 conditions; at least one more view supervises and scores
+MIN_SIZE = 16  # render side in pixels: smaller renders hold no recognisable picture
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,9 @@ def procedural_jobs(families: list[str], n_objects: int) -> list[ObjectJob]:
     """`n_objects` shapes shared evenly over `families` (the first ones get the remainder)."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
-        raise ValueError(f"unknown shape families {unknown}; choose from {sorted(FAMILIES)}")
+        raise UserInputError(
+            f"unknown shape families {unknown}", "--family", f"choose from {sorted(FAMILIES)}"
+        )
     jobs = []
     for rank, family in enumerate(families):
         count = n_objects // len(families) + (rank < n_objects % len(families))
@@ -55,15 +65,15 @@ def folder_jobs(folder: str | Path) -> list[ObjectJob]:
     """One job per mesh file under `folder`; ids from the relative path, made unique."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"input folder {folder} does not exist")
+        raise UserInputError("no such folder", folder, "pass a folder of mesh files")
     files = sorted(
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES
     )
     if not files:
-        raise FileNotFoundError(
-            f"no mesh files ({', '.join(MESH_SUFFIXES)}) under {folder}: put meshes there, "
-            "or leave out --input-folder to build procedural shapes"
-        )
+        raise UserInputError(
+            f"no mesh files ({', '.join(MESH_SUFFIXES)}) in it", folder,
+            "put meshes there, or leave out --input-folder to build procedural shapes",
+        )  # fmt: skip
     jobs, used = [], set()
     for path in files:
         relative = path.relative_to(folder)
@@ -102,15 +112,18 @@ def _build(job: ObjectJob, out: Path, options: dict) -> dict:
     """Worker: make or load one mesh and prepare it. -> a status row"""
     try:
         if job.path:
-            mesh = load_mesh(job.path, up=options["input_up"])
+            mesh, appearance = read_mesh(job.path, input_up_axis(job.path, options["input_up"]))
         else:
-            mesh = make_shape(job.family, job.index, options["seed"])
+            mesh, appearance = make_shape(job.family, job.index, options["seed"]), None
+            if problem := geometry_problem(mesh):
+                raise MeshLoadError(f"{job.source}: {problem}")
     except MeshLoadError as error:
         return {"object_id": job.object_id, "skipped": str(error), "file": job.source}
     meta = prepare_object(
         mesh, out / job.object_id, options["n_views"], options["size"], options["seed"],
         source=job.source, axis_views=options["axis_views"],
-        occupancy_points=options["occupancy_points"], force=True,
+        occupancy_points=options["occupancy_points"], force=True, appearance=appearance,
+        untextured=options["untextured"],
     )  # fmt: skip
     return {"object_id": job.object_id, "n_views": meta["settings"]["n_views"], "meta": meta}
 
@@ -128,9 +141,22 @@ def prepare_dataset(
     occupancy_points: int = 0,
     force: bool = False,
     workers: int | None = None,
+    untextured: str | tuple = UNTEXTURED_COLOUR,
 ) -> dict:
-    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing."""
+    """Build (or complete) a dataset folder. -> summary: counts, skipped files, timing, how
+    occupancy points were labelled. `input_up`: files other than glTF (y-up by
+    specification); `untextured`: colour of faces without one, or "palette" (prepare_object)."""
     out = Path(out)
+    _check_settings(
+        n_views=(axis_views or n_views >= MIN_VIEWS, f"an integer >= {MIN_VIEWS}"),
+        size=(size >= MIN_SIZE, f"an integer >= {MIN_SIZE}"),
+        n_objects=(input_folder is not None or n_objects >= 1, "an integer >= 1"),
+        seed=(seed >= 0, "an integer >= 0"),
+        occupancy_points=(occupancy_points >= 0, "an integer >= 0 (0: none)"),
+        workers=(workers is None or workers >= 1, "an integer >= 1, or None for all cores"),
+        input_up=(input_up in ("z", "y"), "'z' or 'y'"),
+        values=locals(),
+    )
     jobs = folder_jobs(input_folder) if input_folder else procedural_jobs(list(families), n_objects)
     options = {
         "n_views": n_views,
@@ -139,46 +165,53 @@ def prepare_dataset(
         "axis_views": axis_views,
         "input_up": input_up,
         "occupancy_points": occupancy_points,
+        "untextured": untextured,
     }
     wanted = {
         "n_views": 6 if axis_views else n_views,
         "size": size,
         "axis_views": axis_views,
         "occupancy_points": occupancy_points,
+        "untextured": untextured_setting(untextured),
     }
     existing, mismatched = {}, []
     for job in jobs:
         meta_path = out / job.object_id / "meta.json"
         if meta_path.exists() and not force:
-            meta = json.loads(meta_path.read_text())
-            settings = {"occupancy_points": 0, **meta["settings"]}
-            if any(settings[k] != v for k, v in wanted.items()) or meta["seed"] != seed:
+            try:
+                meta = json.loads(meta_path.read_text())
+                # older builds did not record untextured: their procedural sets have colours
+                settings = {"occupancy_points": 0, "untextured": wanted["untextured"]}
+                settings.update(meta["settings"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                continue  # a damaged object: built again below
+            if any(settings[k] != v for k, v in wanted.items()) or meta.get("seed") != seed:
                 mismatched.append(job.object_id)
             existing[job.object_id] = meta
     if mismatched:
-        raise ValueError(
-            f"{len(mismatched)} objects in {out} were built with other settings (e.g. "
-            f"{mismatched[0]}); pass --force to rebuild them or choose another --out"
-        )
+        raise UserInputError(
+            f"{len(mismatched)} objects were built with other settings (e.g. {mismatched[0]})",
+            out, "pass --force to rebuild them or choose another --out",
+        )  # fmt: skip
     todo = [job for job in jobs if job.object_id not in existing]
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-    progress = tqdm(total=len(todo), desc=f"rendering {out.name}", unit="object")
-    if workers == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small tensors: threads cost more than they give (10x here)
-        try:
-            rows = _collect((_build(job, out, options) for job in todo), progress, start)
-        finally:
-            torch.set_num_threads(threads)
-    else:  # fork: workers inherit the imported modules instead of importing torch again
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            jobs_args = [(job, out, options) for job in todo]
-            rows = _collect(pool.imap_unordered(_build_star, jobs_args), progress, start)
-    progress.close()
+    # closed on any way out (an error included), so a message is not glued to the bar
+    with tqdm(total=len(todo), desc=f"rendering {out.name}", unit="object") as progress:
+        if workers == 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small tensors: threads cost more than they give (10x)
+            try:
+                rows = _collect((_build(job, out, options) for job in todo), progress, start)
+            finally:
+                torch.set_num_threads(threads)
+        else:  # fork: workers inherit the imported modules instead of importing torch again
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                jobs_args = [(job, out, options) for job in todo]
+                rows = _collect(pool.imap_unordered(_build_star, jobs_args), progress, start)
     views_done = sum(row.get("n_views", 0) for row in rows)
     seconds = time.perf_counter() - start
 
@@ -187,23 +220,54 @@ def prepare_dataset(
     )
     metas = {**existing, **{r["object_id"]: r["meta"] for r in rows if "meta" in r}}
     if not metas:
-        raise ValueError(f"none of the {len(jobs)} inputs could be used; skipped: {skipped}")
+        raise UserInputError(
+            f"none of the {len(jobs)} inputs could be used (skipped: {skipped})",
+            input_folder or "--family", "see why each was skipped, and pass usable meshes",
+        )  # fmt: skip
     family_of = {job.object_id: job.family for job in jobs if job.object_id in metas}
     split = make_split(family_of, seed)
-    _write_atomic(out / "split.json", {"seed": seed, **split})
-    _write_atomic(
+    _write_json(out / "split.json", {"seed": seed, **split})
+    occupancy = occupancy_summary(metas)
+    _write_json(
         out / "dataset.json",
         {
             "settings": next(iter(metas.values()))["settings"], "seed": seed,
             "source": str(Path(input_folder).name) if input_folder else ",".join(families),
-            "objects": sorted(metas), "skipped": skipped,
+            "objects": sorted(metas), "skipped": skipped, "occupancy_labels": occupancy,
         },
     )  # fmt: skip
     return {
         "out": str(out), "n_objects": len(metas), "built": len(rows) - len(skipped),
         "already_built": len(existing), "skipped": skipped, "views_rendered": views_done,
         "seconds": seconds, "views_per_second": views_done / seconds if seconds > 0 else 0.0,
+        "occupancy_labels": occupancy,
     }  # fmt: skip
+
+
+def _check_settings(values: dict, **rules: tuple[bool, str]) -> None:
+    """Refuse every setting out of range at once, before anything is built."""
+    wrong = [name for name, (ok, _) in rules.items() if not ok]
+    if wrong:
+        raise UserInputError(
+            "dataset settings out of range: "
+            + "; ".join(f"{n}={values[n]!r} (must be {rules[n][1]})" for n in wrong),
+            ", ".join(wrong), "change them to values in range",
+        )  # fmt: skip
+
+
+def occupancy_summary(metas: dict[str, dict]) -> dict:
+    """Objects per way of labelling occupancy points, and those left without points and why.
+    -> {"counts": {"ray parity": n, "ray votes": n, "withheld": n}, "withheld": [{id, reason}]}"""
+    labels = {i: m["occupancy_labels"] for i, m in sorted(metas.items()) if "occupancy_labels" in m}
+    counts = {method: 0 for method in ("ray parity", "ray votes", "withheld")}
+    for record in labels.values():
+        counts[record["method"]] += 1
+    withheld = [
+        {"object_id": i, "reason": r["reason"]}
+        for i, r in labels.items()
+        if r["method"] == "withheld"
+    ]
+    return {"counts": counts, "withheld": withheld}
 
 
 def _build_star(arguments: tuple) -> dict:
@@ -221,7 +285,5 @@ def _collect(results, progress: tqdm, start: float) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, value: object) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+def _write_json(path: Path, value: object) -> None:
+    write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tsr.files import atomic_folder
+from utils.data.check import cams_views, course_layout_problems, raise_if_problems
 from utils.data.meshes import Y_UP_TO_Z_UP
 
 _CONVENTION = (
@@ -32,15 +34,6 @@ _CONVENTION = (
     "(x_cam = R x_world + T); K in pixels, principal point from the top-left corner, pixel "
     "centres at +0.5; Depth = z-depth along the viewing axis, 0 = background"
 )
-
-
-def _views(cams: dict | list) -> list[dict]:
-    """cams.json as {"views": [...]}, a bare list, or {"000": {...}, ...} -> list of views."""
-    if isinstance(cams, list):
-        return cams
-    if "views" in cams:
-        return cams["views"]
-    return [cams[key] for key in sorted(k for k in cams if isinstance(cams[k], dict))]
 
 
 def _c2w_z_up(view: dict, source: Path, world_up: str) -> np.ndarray:
@@ -72,24 +65,18 @@ def load_course_layout(folder: str | Path) -> dict:
     """
     folder = Path(folder)
     cams_path = folder / "cams.json"
-    if not cams_path.exists():
-        raise FileNotFoundError(
-            f"{cams_path} not found: is {folder} in the IMG/MASK/Depth/cams.json layout?"
-        )
+    raise_if_problems(course_layout_problems(folder), folder)
     cams = json.loads(cams_path.read_text())
     settings = cams if isinstance(cams, dict) else {}
     world_up, depth_kind = settings.get("world_up", "y"), settings.get("depth", "z")
     rgba, depth, c2w, intrinsics, rays_o, rays_d = [], [], [], [], [], []
-    for index, view in enumerate(_views(cams)):
+    for index, view in enumerate(cams_views(cams)):
         name = f"{index:03d}"
         paths = [
             folder / "IMG" / f"{name}.png",
             folder / "MASK" / f"{name}.png",
             folder / "Depth" / f"{name}.npy",
         ]
-        for path in paths:
-            if not path.exists():
-                raise FileNotFoundError(f"{path} missing: cams.json lists {index + 1}+ views")
         image = np.asarray(Image.open(paths[0]).convert("RGB"))
         mask = np.asarray(Image.open(paths[1]).convert("L"))
         height, width = mask.shape
@@ -110,8 +97,6 @@ def load_course_layout(folder: str | Path) -> dict:
         intrinsics.append(K)
         rays_d.append(camera_rays @ camera_to_world[:3, :3].T)
         rays_o.append(np.broadcast_to(camera_to_world[:3, 3], camera_rays.shape))
-    if not c2w:
-        raise ValueError(f"{cams_path} lists no views")
     K0 = intrinsics[0]
     square_centred = all(
         math.isclose(K[0, 0], K[1, 1], rel_tol=1e-6)
@@ -142,11 +127,16 @@ def write_course_layout(
     """Write views in our conventions as the course project stored them (see module doc).
 
     rgba (V,H,W,4) uint8, depth (V,H,W) ray distance with 0 = background, c2w (V,4,4) z-up.
-    IMG is the colour composited on `background` (white); MASK is the alpha.
+    IMG is the colour composited on `background` (white); MASK is the alpha. The folder is
+    replaced as a whole (tsr.files.atomic_folder).
     """
-    folder = Path(folder)
+    with atomic_folder(folder) as temporary:
+        _write_course_files(temporary, rgba, depth, c2w, fovy_deg, background)
+
+
+def _write_course_files(folder: Path, rgba, depth, c2w, fovy_deg: float, background: float):
     for sub in ("IMG", "MASK", "Depth"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub).mkdir()
     c2w = np.asarray(c2w, dtype=np.float64)
     n_views, height, width = depth.shape
     f = 0.5 * height / math.tan(math.radians(fovy_deg) / 2)

@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from tsr.cameras import FOREGROUND_RATIO, pixel_to_ray
+from tsr.errors import UserInputError
 from tsr.preprocess import prepare_images, resize_foreground
+from utils.data.check import check_dataset
 
 SPLITS = ("train", "val", "test", "all")
 DEPTH_BACKGROUND = 0.0  # stored depth where a pixel's centre ray misses: no camera is on a surface
@@ -78,17 +80,16 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     def __init__(
         self, root: str | Path, split: str = "train", n_supervision_views: int | None = None,
-        cond_size: int = 512, seed: int = 0,
+        cond_size: int = 512, seed: int = 0, check: bool = True,
     ):  # fmt: skip
+        """`check`: first look at every object of the split (`utils.data.check`) and refuse a
+        set with missing or inconsistent files, listing them all; False when already done."""
         self.root = Path(root)
-        split_path = self.root / "split.json"
-        if not split_path.exists():
-            raise FileNotFoundError(
-                f"no dataset at {self.root} (no split.json): build it with `python prepare_data.py --out {self.root}`"
-            )
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        splits = json.loads(split_path.read_text())
+            raise UserInputError(f"unknown split {split!r}", "split", f"choose one of {SPLITS}")
+        if check:
+            check_dataset(self.root, SPLITS[:3] if split == "all" else (split,))
+        splits = json.loads((self.root / "split.json").read_text())
         self.object_ids = (
             sorted(i for s in SPLITS[:3] for i in splits[s]) if split == "all" else splits[split]
         )

@@ -5,6 +5,8 @@
                            cameras.json    fovy, per view a 4x4 camera-to-world (TripoSR world)
                            mesh.glb        the normalised ground truth (z-up coordinates)
                            meta.json       source, seed, scale, offset, settings
+                           occupancy.npz   labelled 3D points (--occupancy-points; not for
+                                           surfaces without a clear inside: meta.json says why)
 
 View 0 is TripoSR's canonical conditioning camera (`orbit_cameras(1, 0, 1.9)`, fovy 40) and the
 object is scaled (and shifted across the view axis) so that view 0 already looks like what
@@ -15,8 +17,6 @@ frame. 3D and image stay consistent because the mesh itself is scaled, not the i
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import zlib
 from pathlib import Path
 
@@ -36,18 +36,23 @@ from tsr.cameras import (
     orbit_positions,
 )
 from tsr.config import RendererConfig
+from tsr.files import atomic_folder
 from tsr.renderer import ray_cube_radius
 from utils.data.dataset import DEPTH_BACKGROUND
+from utils.data.materials import (
+    UNTEXTURED_COLOUR,
+    Appearance,
+    appearance_of,
+    untextured_colour,
+    untextured_setting,
+)
 from utils.data.meshes import CONVENTION
+from utils.data.occupancy_labels import label_sides
 from utils.data.render_views import Shader, render_views
 
 # objects stay inside the cube the volume renderer cuts rays to
 CUBE_RADIUS = ray_cube_radius(RendererConfig().radius)
 DENSE_SURFACE_SAMPLES = 20_000  # surface samples the occupancy points' distances are taken to
-
-
-
-
 
 
 def conditioning_framing(
@@ -145,11 +150,15 @@ def prepare_object(
     antialias: int = 5,
     occupancy_points: int = 0,
     force: bool = False,
+    appearance: Appearance | None = None,
+    untextured: str | tuple = UNTEXTURED_COLOUR,
 ) -> dict:
     """Normalise, frame, render and write one object atomically. -> its meta.json contents.
 
     `occupancy_points` > 0 also writes `occupancy.npz`: 3D points near and around the surface
     with inside/outside labels, a direct geometry signal for pretraining.
+    `appearance`: the faces' materials as `read_mesh` gives them (default: the mesh's visual).
+    `untextured`: sRGB colour of faces without one, or "palette": a seeded colour per object.
 
     An existing `out_dir` is a finished object (it only appears by an atomic rename) and is
     kept unless `force`.
@@ -162,7 +171,11 @@ def prepare_object(
         "distance": CAMERA_DISTANCE, "foreground_ratio": FOREGROUND_RATIO, "axis_views": axis_views,
         "elevation_range": list(elevation_range), "antialias": antialias,
         "occupancy_points": occupancy_points,
+        "untextured": untextured_setting(untextured),
     }  # fmt: skip
+    colour = untextured_colour(settings["untextured"], object_rng(seed + 2, out_dir.name))
+    appearance = appearance_of(mesh) if appearance is None else appearance
+    shader_look = {"appearance": appearance, "untextured": colour}
     mesh = mesh.copy()
     low, high = mesh.bounds
     mesh.apply_translation(-(low + high) / 2)
@@ -179,7 +192,7 @@ def prepare_object(
     c2w, azimuth, elevation = view_cameras(
         settings["n_views"], object_rng(seed, out_dir.name), elevation_range, axis_views=axis_views
     )
-    views = render_views(mesh, c2w, FOVY_DEG, size, antialias=antialias)
+    views = render_views(mesh, c2w, FOVY_DEG, size, antialias=antialias, **shader_look)
     alpha0 = views["rgba"][0, ..., 3] > 0
     rows, cols = np.nonzero(alpha0)
     bbox_side = max(np.ptp(rows), np.ptp(cols)) + 1 if len(rows) else 0
@@ -189,6 +202,7 @@ def prepare_object(
         "view0_foreground_ratio": float(bbox_side / size), "bounds": mesh.bounds.tolist(),
         "n_vertices": len(mesh.vertices), "n_faces": len(mesh.faces),
         "watertight": bool(mesh.is_watertight), "n_supersampled_pixels": views["n_supersampled"],
+        "untextured_colour": colour.tolist(),
         **{k: v for k, v in mesh.metadata.items() if k in ("family", "kind", "index")},
     }  # fmt: skip
     cameras = {
@@ -201,26 +215,30 @@ def prepare_object(
         ],
     }  # fmt: skip
 
-    occupancy = (
-        occupancy_samples(mesh, occupancy_points, object_rng(seed + 1, out_dir.name))
-        if occupancy_points > 0
-        else None
-    )
+    occupancy = None
+    if occupancy_points > 0:
+        occupancy, meta["occupancy_labels"] = occupancy_samples(
+            mesh, occupancy_points, object_rng(seed + 1, out_dir.name), Shader(mesh, **shader_look)
+        )
+    if mesh.visual.kind is None:  # no colours of its own: mesh.glb keeps the rendered ones
+        preview = np.round(appearance.vertex_colours(mesh, colour) * 255).astype(np.uint8)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=preview)
     _write_object_atomically(out_dir, views, cameras, meta, mesh, occupancy)
     return meta
 
 
 def occupancy_samples(
-    mesh: trimesh.Trimesh, n_points: int, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
+    mesh: trimesh.Trimesh, n_points: int, rng: np.random.Generator, shader: Shader | None = None
+) -> tuple[dict[str, np.ndarray] | None, dict]:
     """Points with inside/outside labels: half within ~0.02 of the surface (where the
     marching-cubes level set must fall), a quarter within ~0.08, a quarter anywhere in the cube.
     Each also gets its signed distance to the surface and the colour the renderer shows at the
     nearest surface point (shaded, as seen from outside): a label for every point, not only a
     side, and colour supervision in 3D, where rays would mostly see background.
 
-    -> points (N, 3) float16, inside (N,) bool, sdf (N,) float16 (negative inside),
-       colour (N, 3) uint8
+    -> (samples, labels). samples: points (N, 3) float16, inside (N,) bool, sdf (N,) float16
+       (negative inside), colour (N, 3) uint8; None where the sides cannot be trusted (an open
+       surface without a clear inside). labels: how sides were decided, `label_sides`' record.
     """
     n_near, n_wide = n_points // 2, n_points // 4
     n_uniform = n_points - n_near - n_wide
@@ -231,7 +249,9 @@ def occupancy_samples(
     uniform = rng.uniform(-CUBE_RADIUS, CUBE_RADIUS, size=(n_uniform, 3))
     points = np.clip(np.concatenate([surface + noise, uniform]), -CUBE_RADIUS, CUBE_RADIUS)
     points = points.astype(np.float16).astype(np.float64)  # label the points as stored
-    inside = mesh.contains(points)
+    inside, labels = label_sides(mesh, points, n_near, rng)
+    if inside is None:
+        return None, labels
 
     # Nearest of dense surface samples rather than trimesh's exact closest_point (0.3 s for a
     # 5k-face mesh): within 0.002 of exact on average near the surface, 0.01 at the 99th
@@ -239,13 +259,15 @@ def occupancy_samples(
     dense, dense_faces = trimesh.sample.sample_surface(mesh, DENSE_SURFACE_SAMPLES, seed=rng)
     distance, nearest = cKDTree(dense).query(points)
     faces = dense_faces[nearest]
-    colour = Shader(mesh).shade(faces, dense[nearest], -mesh.face_normals[faces])
-    return {
+    shader = Shader(mesh) if shader is None else shader
+    colour = shader.shade(faces, dense[nearest], -mesh.face_normals[faces])
+    samples = {
         "points": points.astype(np.float16),
         "inside": inside,
         "sdf": np.where(inside, -distance, distance).astype(np.float16),
         "colour": np.round(colour * 255).astype(np.uint8),
     }
+    return samples, labels
 
 
 def _write_object_atomically(
@@ -256,13 +278,10 @@ def _write_object_atomically(
     mesh: trimesh.Trimesh,
     occupancy: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Write into a temporary sibling, then rename it: never a half-written object."""
-    for kind in ("tmp", "old"):  # leftovers of an interrupted run
-        for leftover in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
-            shutil.rmtree(leftover)
-    temporary = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
-        (temporary / "rgba").mkdir(parents=True)
+    """Write into a temporary sibling that then replaces `out_dir`: never a half-written
+    object, and a full disk is reported as such (tsr.files.atomic_folder)."""
+    with atomic_folder(out_dir) as temporary:
+        (temporary / "rgba").mkdir()
         (temporary / "depth").mkdir()
         for v, (rgba, depth) in enumerate(zip(views["rgba"], views["depth"], strict=True)):
             Image.fromarray(rgba, mode="RGBA").save(temporary / "rgba" / f"{v:03d}.png")
@@ -272,13 +291,3 @@ def _write_object_atomically(
             np.savez(temporary / "occupancy.npz", **occupancy)
         _write_json(temporary / "cameras.json", cameras)
         _write_json(temporary / "meta.json", meta)
-    except BaseException:  # also Ctrl-C: remove the partial folder, then let it propagate
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if out_dir.exists():  # force: move the old one aside first (rename onto a full dir fails)
-        stale = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, stale)
-        os.replace(temporary, out_dir)
-        shutil.rmtree(stale)
-    else:
-        os.replace(temporary, out_dir)

@@ -10,7 +10,9 @@ Why ray casting with Embree (embreex through trimesh) rather than EGL rasterisat
   same on a laptop, in CI and in a container; Embree casts about 1.5 M rays/s per core here.
 
 Shading is Lambert + ambient under lights fixed in the world, so an object's colour does not
-change with the viewpoint: the triplane NeRF models view-independent colour. Edges are
+change with the viewpoint: the triplane NeRF models view-independent colour. The base colour
+is looked up per ray hit (`utils.data.materials`): textures are sampled at the hit's
+interpolated UV, so views keep detail finer than the mesh's vertex spacing. Edges are
 anti-aliased by supersampling only the pixels next to a silhouette or a colour change with an
 odd n x n grid; the odd grid contains the pixel centre, so alpha > 0 wherever the centre ray
 (the one `depth` belongs to) hits, and alpha = 1 implies it hit.
@@ -28,8 +30,8 @@ from trimesh.ray.ray_pyembree import RayMeshIntersector
 
 from tsr.cameras import pixel_to_ray, rays_from_c2w
 from utils.data.dataset import DEPTH_BACKGROUND
+from utils.data.materials import UNTEXTURED_COLOUR, Appearance, appearance_of
 
-GREY = np.array([0.7, 0.7, 0.7])  # base colour of meshes without colours
 AMBIENT = 0.35
 # (direction towards the light, intensity): a key light above the conditioning camera (+x)
 # and a weaker fill from the opposite side, so no side of an object is left flat.
@@ -74,25 +76,28 @@ def crease_normals(mesh: trimesh.Trimesh, crease_deg: float = CREASE_DEG) -> np.
     return normals.reshape(-1, 3, 3)
 
 
-def base_colours(
-    mesh: trimesh.Trimesh, face_index: np.ndarray, barycentric: np.ndarray
-) -> np.ndarray:
-    """Unlit colour at hit points from vertex or face colours; grey without. -> (N, 3) in [0, 1]"""
-    kind = mesh.visual.kind if isinstance(mesh.visual, trimesh.visual.ColorVisuals) else None
-    if kind == "vertex":
-        corner_colours = mesh.visual.vertex_colors[mesh.faces[face_index], :3] / 255.0  # (N, 3, 3)
-        return np.einsum("nk,nkc->nc", barycentric, corner_colours)
-    if kind == "face":
-        return mesh.visual.face_colors[face_index, :3] / 255.0
-    return np.broadcast_to(GREY, (len(face_index), 3))
-
-
 class Shader:
     """Casts rays against one mesh and shades the hits; `shade` also serves points that were
-    not found by a ray (occupancy samples' colours)."""
+    not found by a ray (occupancy samples' colours).
 
-    def __init__(self, mesh: trimesh.Trimesh):
+    appearance: per-face materials (`utils.data.meshes.read_mesh`); by default the mesh's own
+    visual. untextured: sRGB colour of faces the file gives no colour.
+    """
+
+    def __init__(
+        self,
+        mesh: trimesh.Trimesh,
+        appearance: Appearance | None = None,
+        untextured: np.ndarray | tuple = UNTEXTURED_COLOUR,
+    ):
         self.mesh = mesh
+        self.appearance = appearance_of(mesh) if appearance is None else appearance
+        if len(self.appearance.face_material) != len(mesh.faces):
+            raise ValueError(
+                f"appearance describes {len(self.appearance.face_material)} faces, the mesh "
+                f"has {len(mesh.faces)}: pass the appearance read with this mesh"
+            )
+        self.untextured = np.asarray(untextured, dtype=np.float64)
         self.corner_normals = crease_normals(mesh)  # (F, 3, 3)
         self.lights = [(np.asarray(d) / np.linalg.norm(d), i) for d, i in LIGHTS]
 
@@ -131,7 +136,8 @@ class Shader:
         light = np.full(len(points), AMBIENT)
         for direction, intensity in self.lights:
             light += intensity * np.clip(normals @ direction, 0, None)
-        return np.clip(base_colours(self.mesh, face_index, barycentric) * light[:, None], 0, 1)
+        base = self.appearance.base_colours(face_index, barycentric, self.untextured)
+        return np.clip(base * light[:, None], 0, 1)
 
 
 def render_views(
@@ -140,8 +146,11 @@ def render_views(
     fovy_deg: float,
     size: int,
     antialias: int = 5,
+    *,
+    appearance: Appearance | None = None,
+    untextured: np.ndarray | tuple = UNTEXTURED_COLOUR,
 ) -> dict[str, np.ndarray]:
-    """Render a mesh from cameras in TripoSR's world.
+    """Render a mesh from cameras in TripoSR's world (appearance, untextured: see Shader).
 
     c2w (V, 4, 4) camera-to-world -> dict with
       rgba (V, H, W, 4) uint8, straight (not premultiplied) colour, alpha = pixel coverage;
@@ -155,7 +164,7 @@ def render_views(
         )
     c2w = torch.as_tensor(np.asarray(c2w), dtype=torch.float32)
     n_views = c2w.shape[0]
-    shader = Shader(mesh)
+    shader = Shader(mesh, appearance, untextured)
     rays_o, rays_d = rays_from_c2w(c2w, size, size, fovy_deg)  # (V, H, W, 3) each
     hit, depth, colour = shader.cast(
         rays_o.reshape(-1, 3).double().numpy(), rays_d.reshape(-1, 3).double().numpy()

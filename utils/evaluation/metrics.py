@@ -69,25 +69,34 @@ def sample_surface(
 
 def nearest_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """L2 distance from each source point to its nearest target point. (N,3), (M,3) -> (N,)"""
-    return cKDTree(target).query(source, k=1)[0]
+    return cKDTree(target).query(source, k=1, workers=-1)[0]  # exact on every core
+
+
+def _chamfer_and_f(
+    predicted: np.ndarray, truth: np.ndarray, taus: Sequence[float]
+) -> tuple[float, dict[float, float]]:
+    """Chamfer-L1 and the F-score at each tau from one nearest-neighbour query each way
+    (NaN and 0 if a cloud is empty)."""
+    if len(predicted) == 0 or len(truth) == 0:
+        return math.nan, dict.fromkeys(taus, 0.0)
+    to_truth = nearest_distances(predicted, truth)  # (N,)
+    to_predicted = nearest_distances(truth, predicted)  # (M,)
+    f_scores = {}
+    for tau in taus:
+        precision, recall = float((to_truth < tau).mean()), float((to_predicted < tau).mean())
+        total = precision + recall
+        f_scores[tau] = 0.0 if total == 0 else 2 * precision * recall / total
+    return 0.5 * float(to_truth.mean() + to_predicted.mean()), f_scores
 
 
 def chamfer_l1(predicted: np.ndarray, truth: np.ndarray) -> float:
     """½ (mean nearest distance predicted→truth + truth→predicted); NaN if a cloud is empty."""
-    if len(predicted) == 0 or len(truth) == 0:
-        return math.nan
-    return 0.5 * float(
-        nearest_distances(predicted, truth).mean() + nearest_distances(truth, predicted).mean()
-    )
+    return _chamfer_and_f(predicted, truth, ())[0]
 
 
 def f_score(predicted: np.ndarray, truth: np.ndarray, tau: float) -> float:
     """Harmonic mean of precision and recall at distance tau; 0 if a cloud is empty."""
-    if len(predicted) == 0 or len(truth) == 0:
-        return 0.0
-    precision = float((nearest_distances(predicted, truth) < tau).mean())
-    recall = float((nearest_distances(truth, predicted) < tau).mean())
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return _chamfer_and_f(predicted, truth, (tau,))[1][tau]
 
 
 def course_normalise(points: np.ndarray) -> np.ndarray:
@@ -117,13 +126,13 @@ def rigid_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _cloud_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    metrics = {"chamfer_l1": chamfer_l1(predicted, truth)}
-    metrics |= {f"f@{tau:g}": f_score(predicted, truth, tau) for tau in F_THRESHOLDS}
+    chamfer, f_scores = _chamfer_and_f(predicted, truth, F_THRESHOLDS)
+    metrics = {"chamfer_l1": chamfer, **{f"f@{tau:g}": f for tau, f in f_scores.items()}}
     if len(predicted) and len(truth):
         predicted, truth = course_normalise(predicted), course_normalise(truth)
-    metrics["course_chamfer"] = 2 * chamfer_l1(predicted, truth)  # theirs sums the directions
-    metrics |= {f"course_f@{tau:g}": f_score(predicted, truth, tau) for tau in COURSE_THRESHOLDS}
-    return metrics
+    chamfer, f_scores = _chamfer_and_f(predicted, truth, COURSE_THRESHOLDS)
+    metrics["course_chamfer"] = 2 * chamfer  # theirs sums the two directions
+    return metrics | {f"course_f@{tau:g}": f for tau, f in f_scores.items()}
 
 
 def mesh_metrics(

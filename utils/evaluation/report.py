@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from tsr.files import write_bytes, write_text
 from utils.evaluation.metrics import mean_stderr, paired_difference
 from utils.figures import figure_png
 
@@ -141,8 +142,8 @@ def write_report(
         "metrics": {k: list(v) for k, v in METRICS.items()},
         "settings": settings or {},
     }
-    paths["json"].write_text(json.dumps(document, indent=2, default=str, allow_nan=True))
-    paths["markdown"].write_text(markdown_report(summary, settings))
+    write_text(paths["json"], json.dumps(document, indent=2, default=str, allow_nan=True))
+    write_text(paths["markdown"], markdown_report(summary, settings))
     table = {
         model: {
             m: (stats[m]["mean"], 0.0 if math.isnan(stats[m]["stderr"]) else stats[m]["stderr"])
@@ -150,7 +151,7 @@ def write_report(
         }
         for model, stats in summary["models"].items()
     }
-    paths["plot"].write_bytes(figure_png(metrics_bar_plot(table, PLOTTED)))
+    write_bytes(paths["plot"], figure_png(metrics_bar_plot(table, PLOTTED)))
     return paths
 
 

@@ -1,5 +1,5 @@
-"""What this machine has for the workbook: one row per component, OK / missing / warn,
-with the version found and the command that fixes it. Never touches the network."""
+"""What this machine has for the workbook: one row per component, OK / warn / missing /
+optional, with the version found and the command that fixes it. Never touches the network."""
 
 from __future__ import annotations
 
@@ -14,15 +14,20 @@ from pathlib import Path
 
 OFFICIAL_REPO = "stabilityai/TripoSR"
 WEIGHT_FILES = ("config.yaml", "model.ckpt")  # what the official repo ships
-STATUS_COLORS = {"OK": "#1a7f37", "warn": "#9a6700", "missing": "#cf222e"}
+# optional: absent, and nothing needs it by default (LPIPS, rembg, the real TripoSR weights):
+# grey, not the red of a missing piece that breaks a notebook.
+STATUS_COLORS = {"OK": "#1a7f37", "warn": "#9a6700", "missing": "#cf222e", "optional": "#6e7781"}
 
 
 @dataclass(frozen=True)
 class EnvRow:
     component: str
-    status: str  # "OK" | "warn" | "missing"
+    status: str  # a key of STATUS_COLORS
     details: str  # version, device, what was found
     fix: str  # what to run or change; empty when OK
+
+    def _repr_html_(self) -> str:  # a row shown alone in a notebook reads as the report does
+        return render_report_html([self])
 
 
 def _version(distribution: str) -> str | None:
@@ -37,7 +42,7 @@ def _package_row(name: str, distribution: str, purpose: str, optional: bool = Fa
     version = _version(distribution)
     if version is not None and importlib.util.find_spec(name) is not None:
         return EnvRow(name, "OK", version, "")
-    status = "warn" if optional else "missing"
+    status = "optional" if optional else "missing"
     details = f"not installed ({'optional: ' if optional else ''}{purpose})"
     return EnvRow(name, status, details, f"pip install {distribution}")
 
@@ -120,9 +125,18 @@ def _widget_rows() -> list[EnvRow]:
     return rows
 
 
-def weights_status(path_or_repo: str | Path = OFFICIAL_REPO) -> EnvRow:
+def weights_status(path_or_repo: str | Path = OFFICIAL_REPO, required: bool = True) -> EnvRow:
     """Whether real TripoSR weights are on disk: in a local folder, or for a Hub repo id in
-    the Hugging Face cache (looked up with try_to_load_from_cache, no network)."""
+    the Hugging Face cache (looked up with try_to_load_from_cache, no network). Absent weights
+    are "missing" when `required` (MODEL names them), else "optional"."""
+    row = _weights_row(path_or_repo)
+    if row.status == "missing" and not required:
+        details = f"{row.details} (optional: the notebooks use the shipped model by default)"
+        return EnvRow(row.component, "optional", details, row.fix)
+    return row
+
+
+def _weights_row(path_or_repo: str | Path) -> EnvRow:
     path = Path(path_or_repo)
     if path.exists():
         missing = [name for name in WEIGHT_FILES if not (path / name).is_file()]
@@ -147,7 +161,9 @@ def weights_status(path_or_repo: str | Path = OFFICIAL_REPO) -> EnvRow:
     return EnvRow("TripoSR weights", "OK", f"{repo_id} cached in {folder}", "")
 
 
-def environment_report(weights: str | Path = OFFICIAL_REPO) -> list[EnvRow]:
+def environment_report(
+    weights: str | Path = OFFICIAL_REPO, weights_required: bool = False
+) -> list[EnvRow]:
     """One row per thing the workbook uses, in the order a reader would fix them."""
     python = ".".join(map(str, sys.version_info[:3]))
     python_ok = sys.version_info >= (3, 10)
@@ -169,7 +185,7 @@ def environment_report(weights: str | Path = OFFICIAL_REPO) -> list[EnvRow]:
     rows += _widget_rows()
     rows.append(_package_row("lpips", "lpips", "the LPIPS metric", optional=True))
     rows.append(_package_row("rembg", "rembg", "removing photo backgrounds", optional=True))
-    rows.append(weights_status(weights))
+    rows.append(weights_status(weights, required=weights_required))
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Measuring time and peak memory of a piece of work (notebook 04 and the benchmarks)."""
+"""Measuring time and peak memory of a piece of work (notebook 04 and the benchmarks), and
+short LoRA runs side by side (notebook 03)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from tsr import mesh as mesh_extraction
 from tsr.model import TSR
+from utils.training import lora
 
 SAMPLE_EVERY_S = 0.002  # RSS sampling period where the kernel's peak counter cannot be reset
 
@@ -140,3 +142,46 @@ def mesh_extraction_benchmark(
     finally:
         model.renderer.set_chunk_size(previous_chunk)
     return records
+
+
+# ---- comparing LoRA settings ------------------------------------------------------------------
+def compare_lora_settings(
+    model_name: str,
+    train,
+    val,
+    variants: dict[str, dict],
+    config,
+    device: str = "cpu",
+    output_dir: str | Path = "outputs/lora_variants",
+) -> list[dict]:
+    """One short LoRA run per variant (keyword arguments of `lora.add_lora`: r, alpha,
+    targets), each from the same base weights with the same data, steps, seed and validation
+    objects. -> a record per variant: its trainable parameters, validation loss and PSNR at
+    step 0 and at the end and their changes, seconds. `config` (a TrainConfig) sets the run; it validates
+    at the start and the end only, with no early stopping, so every variant runs as long."""
+    import dataclasses
+
+    from utils.training.train import fit  # the training loop only when needed
+
+    config = dataclasses.replace(config, val_every=config.max_steps, early_stopping_patience=0)
+    rows = []
+    for name, settings in variants.items():
+        model = lora.add_lora(TSR.from_pretrained(model_name), **settings).to(device)
+        trainable = lora.trainable_parameter_report(model)["trainable"]
+        start = time.perf_counter()
+        # throwaway runs: a second run of the notebook replaces them (overwrite)
+        result = fit(
+            model, train, config, val_dataset=val, output_dir=Path(output_dir) / name,
+            overwrite=True,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        first, *_, last = [record for record in result.history if "val_loss" in record]
+        rows.append({
+            "variant": name, "trainable": trainable, "steps": last["step"],
+            "val_loss at 0": first["val_loss"], "val_loss": last["val_loss"],
+            "val_psnr at 0": first["val_psnr"], "val_psnr": last["val_psnr"],
+            # the differences themselves: 3 significant digits of the values would hide them
+            "val_loss change %": 100 * (last["val_loss"] / first["val_loss"] - 1),
+            "PSNR gain (dB)": last["val_psnr"] - first["val_psnr"], "seconds": seconds,
+        })  # fmt: skip
+    return rows

@@ -152,8 +152,10 @@ def static_mesh_figure(
     meshes: dict[str, trimesh.Trimesh],
     views: tuple[tuple[float, float], ...] = STATIC_VIEWS,
     panel_inches: float = 2.0,
+    caption: str | None = None,
 ) -> Figure:
-    """Rows of meshes, columns of (azimuth, elevation) views, all framed to one sphere."""
+    """Rows of meshes, columns of (azimuth, elevation) views, all framed to one sphere;
+    `caption` in small grey type below them."""
     centre, radius = bounding_sphere(list(meshes.values()))
     fig = Figure(figsize=(panel_inches * len(views), panel_inches * len(meshes)))
     axes = fig.subplots(len(meshes), len(views), squeeze=False)
@@ -176,4 +178,6 @@ def static_mesh_figure(
                 ax.set_title(f"az {azimuth:.0f}°, el {elevation:.0f}°", fontsize="small")
             if col == 0:
                 ax.set_ylabel(name)
+    if caption:
+        fig.text(0.5, 0.0, caption, ha="center", va="top", fontsize="small", color="0.35")
     return fig

@@ -1,7 +1,7 @@
 """Pictures and controls the notebooks show: `render_camera`, `PreviewCallback` (fit()'s
 input | target | prediction previews during training), `object_gallery`, `mesh_explorer`,
 `export_meshes`, and the small views into a model a notebook prints (`depth_points`,
-`gradient_norms`, `choose_threshold`).
+`gradient_norms`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import trimesh
 
-from tsr import mesh as mesh_extraction
 from tsr.cameras import rays_from_c2w
+from tsr.files import atomic_path
 from tsr.model import TSR
 from utils.figures import figure_png
 from utils.notebook.plots import comparison_grid
@@ -44,29 +44,6 @@ def gradient_norms(model: torch.nn.Module) -> list[dict]:
          "gradient norm": float(torch.cat(grads).norm()) if grads else 0.0}
         for kind, grads in kinds.items()
     ]  # fmt: skip
-
-
-@torch.no_grad()
-def choose_threshold(model: TSR, scene_codes: torch.Tensor, quantile: float = 0.9) -> float:
-    """The model's own marching-cubes level when every scene's density crosses it, else the
-    `quantile` of the first scene's density on a 32^3 grid (an untrained model's density never
-    reaches a trained one's level, and its mesh would be empty)."""
-    axis = mesh_extraction.grid_axis(32, model.config.renderer.radius, scene_codes.device)
-    grid = torch.cartesian_prod(axis, axis, axis)  # (32^3, 3)
-    fields = [
-        model.renderer.query_triplane(model.decoder, grid, code)["density_act"][:, 0].float()
-        for code in scene_codes
-    ]
-    level = model.config.mc_threshold
-    if all(field.min() < level < field.max() for field in fields):
-        return level
-    chosen = float(fields[0].quantile(quantile))
-    low, high = float(fields[0].min()), float(fields[0].max())
-    print(
-        f"the model's threshold {level:g} is outside its density range [{low:.3g}, {high:.3g}] "
-        f"here (an untrained model?): using the {quantile:.0%} quantile, {chosen:.3g}"
-    )
-    return chosen
 
 
 # ---- pictures ---------------------------------------------------------------------------------
@@ -104,8 +81,10 @@ def _show_in_place(handle, png: bytes):
 
 class PreviewCallback:
     """fit() callback: at each validation, one validation object rendered from a novel view:
-    input (view 0) | target | prediction, a row per validation (the last `max_rows`),
-    redrawn in place in a notebook."""
+    input (view 0) | target | prediction | its change since the first validation, redrawn in
+    place in a notebook. Rows: the first validation (the model before training) and the last
+    `max_rows - 1`. A LoRA moves a render by a few percent, invisible side by side, so the
+    change is amplified by one gain for all rows (in the column title): dark = changed."""
 
     def __init__(self, model: TSR, dataset, index: int = 0, view: int = 1, size: int = 96,
                  max_rows: int = 4):  # fmt: skip
@@ -113,7 +92,7 @@ class PreviewCallback:
         self.model, self.size, self.max_rows = model, size, max_rows
         self.cond, self.target = item["cond_image"], item["rgb"][view]
         self.c2w, self.fovy_deg = item["c2w"][view], item["fovy_deg"]
-        self.rows: list[tuple[str, list]] = []
+        self.predictions: list[tuple[int, np.ndarray]] = []  # (step, (S, S, 3)) per validation
         self._handle = None
 
     def on_validation(self, step: int, metrics: dict) -> None:
@@ -121,13 +100,31 @@ class PreviewCallback:
             return
         code = _encode(self.model, self.cond)
         prediction = render_camera(self.model, code, self.c2w, self.fovy_deg, self.size)
-        self.rows = [*self.rows, (f"step {step}", [self.cond, self.target, prediction])]
-        self.rows = self.rows[-self.max_rows :]
+        self.predictions.append((step, prediction))
         self._handle = _show_in_place(self._handle, figure_png(self.figure()))
 
+    def shown(self) -> list[tuple[int, np.ndarray]]:
+        """The rows drawn: the first validation and the last `max_rows - 1`."""
+        first, later = self.predictions[:1], self.predictions[1:]
+        return (
+            first + later[max(len(later) - (self.max_rows - 1), 0) :]
+            if self.max_rows > 1
+            else first
+        )
+
     def figure(self):
-        titles = ["input (view 0)", "target (novel view)", "prediction"]
-        return comparison_grid([r for _, r in self.rows], [t for t, _ in self.rows], titles)
+        shown = self.shown()
+        start = shown[0][1]
+        changes = [np.abs(prediction - start).mean(axis=-1) for _, prediction in shown]  # (S, S)
+        gain = 1.0 / max(max(float(c.max()) for c in changes), 1e-3)  # the largest change: black
+        rows = [
+            [self.cond, self.target, prediction, 1.0 - np.clip(change * gain, 0, 1) if i else None]
+            for i, ((_, prediction), change) in enumerate(zip(shown, changes, strict=True))
+        ]
+        first_step = shown[0][0]
+        titles = ["input (view 0)", "target (novel view)", "prediction",
+                  f"change since step {first_step} (x{gain:.0f})"]  # fmt: skip
+        return comparison_grid(rows, [f"step {step}" for step, _ in shown], titles)
 
 
 def object_gallery(
@@ -159,10 +156,13 @@ def mesh_explorer(
     are drawn at once (plain outputs: a headless run keeps them); a click re-extracts and
     replaces them in place. -> the controls (an HBox)"""
     import ipywidgets as widgets
-    from IPython.display import Image, display
+    from IPython.display import display
 
-    from utils.notebook.mesh_figures import static_mesh_figure
-    from utils.notebook.viewer import meshes_side_by_side_widget, resolve_display_mode
+    from utils.notebook.viewer import (
+        meshes_side_by_side_widget,
+        resolve_display_mode,
+        static_picture,
+    )
 
     resolution_slider = widgets.SelectionSlider(
         options=sorted({*resolutions, resolution}), value=resolution, description="resolution"
@@ -183,7 +183,7 @@ def mesh_explorer(
         if mode in ("both", "widget"):
             parts["widget"] = meshes_side_by_side_widget(meshes)[0]
         if mode in ("both", "static"):
-            parts["static"] = Image(data=figure_png(static_mesh_figure(meshes)))
+            parts["static"] = static_picture(meshes, mode)
         for key, part in parts.items():
             if key in handles:
                 handles[key].update(part)
@@ -214,7 +214,8 @@ def export_meshes(
     for name, mesh in meshes.items():
         for fmt in formats:
             path = folder / f"{name}.{fmt}"
-            mesh.export(path)
+            with atomic_path(path) as temporary:
+                mesh.export(temporary)
             rows.append(
                 {"name": name, "format": fmt, "path": str(path), "kB": path.stat().st_size // 1024}
             )

@@ -13,7 +13,7 @@ import torch
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset
-from utils.training import adapters, lora, recipes
+from utils.training import adapters, lora, profiles, recipes
 
 
 def repo_root() -> Path:
@@ -33,7 +33,7 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_dataset(root: str | Path, profile: recipes.Profile, smoke: bool = False) -> Path:
+def ensure_dataset(root: str | Path, profile: profiles.Profile, smoke: bool = False) -> Path:
     """`root` as it is when it holds a dataset built with the profile's sizes (split.json and
     dataset.json); otherwise build the profile's there first (notebook 01's, or the SMOKE
     set). A dataset of another profile's sizes is refused, never silently reused."""
@@ -41,7 +41,7 @@ def ensure_dataset(root: str | Path, profile: recipes.Profile, smoke: bool = Fal
     if not (root / "split.json").is_file():
         print(f"no dataset in {root} yet (notebook 01 builds it): building it now")
         prepare_dataset(root, **profile.dataset_settings(smoke))
-    recipes.check_dataset(root, profile, smoke)
+    profiles.check_dataset(root, profile, smoke)
     return root
 
 
@@ -68,4 +68,5 @@ def ensure_adapter(
     train = MultiViewDataset(data, "train", 4, cond_size=model.config.cond_image_size)
     settings = profile.train_settings(device, smoke)
     config = TrainConfig(**settings, max_steps=steps, val_every=0, checkpoint_every=steps)
-    return fit(model.to(device), train, config, output_dir=run_dir).artefact
+    # overwrite: the run there made no adapter for these weights; this one replaces it
+    return fit(model.to(device), train, config, output_dir=run_dir, overwrite=True).artefact

@@ -63,21 +63,6 @@ def split_counts(statistics: dict) -> list[dict]:
     return rows
 
 
-def per_object_table(
-    records: dict[str, list[dict]], metrics: Sequence[str], models: Sequence[str] | None = None
-) -> list[dict]:
-    """One row per object, a column per (metric, model) of `models` (default: all), from
-    evaluate_model's records."""
-    rows = {}
-    for model in models or records:
-        for record in records[model]:
-            row = rows.setdefault(record["object_id"], {"object": record["object_id"]})
-            row.update(
-                {f"{metric} {model}": record.get(metric, float("nan")) for metric in metrics}
-            )
-    return list(rows.values())
-
-
 def most_changed(records: dict[str, list[dict]], metric: str, base: str, other: str) -> int:
     """Index of the object whose `metric` differs most between two models (finite values)."""
     changes = [

@@ -164,10 +164,27 @@ def mesh_widget(
     return MeshViewer(box, renderer, camera, controls, geometry, material, toggle)
 
 
-def _display_static(meshes: dict[str, trimesh.Trimesh]) -> None:
-    from IPython.display import Image, display
+# Under the static strip: what it is, in words true wherever it is read (a live JupyterLab, a
+# saved copy, an HTML export), so no orbit or zoom instruction; widget captions say those.
+STATIC_CAPTIONS = {
+    "both": "still views of the same mesh, which saved and exported copies of the notebook keep",
+    "static": "still views at fixed angles; the orbitable 3D view needs a running kernel "
+    "with pythreejs (notebook 00 checks)",
+}
 
-    display(Image(data=figure_png(static_mesh_figure(meshes))))
+
+def static_picture(meshes: dict[str, trimesh.Trimesh], mode: str):
+    """The static strip of `meshes` with the caption for display `mode`, as an IPython Image."""
+    from IPython.display import Image
+
+    figure = static_mesh_figure(meshes, caption=STATIC_CAPTIONS[mode])
+    return Image(data=figure_png(figure))
+
+
+def _display_static(meshes: dict[str, trimesh.Trimesh], mode: str) -> None:
+    from IPython.display import display
+
+    display(static_picture(meshes, mode))
 
 
 def _empty_message(name: str) -> str:
@@ -198,7 +215,7 @@ def show_mesh(
         viewer = mesh_widget(mesh, width=width, height=height, title=title)
         display(viewer.widget)
     if mode in ("both", "static"):
-        _display_static({title or "mesh": mesh})
+        _display_static({title or "mesh": mesh}, mode)
     return viewer
 
 
@@ -242,5 +259,5 @@ def show_meshes_side_by_side(
         box, viewers = meshes_side_by_side_widget(meshes, width, height, link_cameras)
         display(box)
     if mode in ("both", "static"):
-        _display_static(meshes)
+        _display_static(meshes, mode)
     return viewers

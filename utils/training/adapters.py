@@ -6,20 +6,19 @@ See `utils.training.lora` for what an adapter folder holds and how plain peft re
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from tsr.io import read_state_dict
+from tsr.errors import UserInputError
+from tsr.files import atomic_folder, save_torch
+from tsr.io import check_finite, read_state_dict
 from tsr.model import TSR
 from utils.training.lora import candidate_linears, lora_layers, lora_state_dict
 
@@ -63,43 +62,60 @@ def _peft_config(model: nn.Module) -> LoraConfig:
 
 
 def save_adapter(model: TSR, out_dir, extra_metadata: dict | None = None) -> Path:
-    """Write the adapter in peft's format plus `tsr_adapter.json`, atomically: the files go to a
-    temporary folder that then replaces `out_dir`, so `out_dir` never holds a half-written
-    adapter (an interrupted save leaves the previous one, or for an instant none)."""
+    """Write the adapter in peft's format plus `tsr_adapter.json`, atomically: `out_dir` is
+    replaced as a whole, so it never holds a half-written adapter (an interrupted save or a
+    full disk leaves the previous one)."""
     out_dir = Path(out_dir)
     config = _peft_config(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        config.save_pretrained(str(tmp))
-        state = {
-            PEFT_PREFIX + k: v.detach().cpu().contiguous()
-            for k, v in lora_state_dict(model).items()
-        }
-        # r/alpha in the header too, so the weights file alone still loads with the right scale
-        header = {"format": "pt", "r": str(config.r), "lora_alpha": str(config.lora_alpha)}
-        header["lora_dropout"] = str(config.lora_dropout)
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata=header)
-        metadata = {
-            "base_model": getattr(model, "source", None),
-            "base_fingerprint": base_fingerprint(model),
-            "r": config.r,
-            "alpha": config.lora_alpha,
-            "dropout": config.lora_dropout,
-            "targets": sorted(config.target_modules),
-            "tsr_config": model.config.to_dict(),
-            **(extra_metadata or {}),
-        }
-        (tmp / TSR_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    state = {
+        PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()
+    }
+    # r/alpha in the header too, so the weights file alone still loads with the right scale
+    header = {"format": "pt", "r": str(config.r), "lora_alpha": str(config.lora_alpha)}
+    header["lora_dropout"] = str(config.lora_dropout)
+    metadata = {
+        "base_model": getattr(model, "source", None),
+        "base_fingerprint": base_fingerprint(model),
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "targets": sorted(config.target_modules),
+        "tsr_config": model.config.to_dict(),
+        **(extra_metadata or {}),
+    }
+    with atomic_folder(out_dir) as folder:
+        config.save_pretrained(str(folder))
+        # peft keeps target_modules as a set and writes it in hash order, which differs
+        # between processes: sorted, equal adapters have equal files
+        settings = json.loads((folder / ADAPTER_CONFIG).read_text())
+        settings["target_modules"] = sorted(settings["target_modules"])
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True))
+        (folder / ADAPTER_WEIGHTS).write_bytes(safetensors_bytes(state, header))
+        (folder / TSR_METADATA).write_text(json.dumps(metadata, indent=2, default=str))
     return out_dir
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with its metadata in sorted order. safetensors writes metadata in
+    hash order, which differs between processes: two runs with equal weights and settings
+    gave different adapter files. Format: 8-byte little-endian header length, the JSON
+    header (space-padded so the data stays 8-byte aligned), then the tensor data."""
+    plain = save(state)  # without metadata it is deterministic
+    length = int.from_bytes(plain[:8], "little")
+    header = {"__metadata__": dict(sorted(metadata.items())), **json.loads(plain[8 : 8 + length])}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + plain[8 + length :]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserInputError(
+            f"not valid JSON ({error})", path,
+            "restore the file from the run folder it came from, or save the adapter again",
+        ) from error  # fmt: skip
 
 
 def _read_course_pth(path: Path) -> dict[str, torch.Tensor]:
@@ -108,10 +124,11 @@ def _read_course_pth(path: Path) -> dict[str, torch.Tensor]:
     for key, value in read_state_dict(path).items():
         match = re.fullmatch(r"(?:backbone\.)?(.+)\.(A|B)(?:\.weight)?", key)
         if match is None:
-            raise ValueError(
-                f"{path}: key {key!r} is not a LoRA A/B weight; expected the course project's "
-                "`transformer_blocks.N.attnX.to_Y.A.weight` keys"
-            )
+            raise UserInputError(
+                f"key {key!r} is not a LoRA A/B weight", path,
+                "pass the course project's lora_weights.pth (keys "
+                "`transformer_blocks.N.attnX.to_Y.A.weight`) or an adapter folder",
+            )  # fmt: skip
         state[f"backbone.{match.group(1)}.lora_{match.group(2)}.weight"] = value
     return state
 
@@ -124,16 +141,17 @@ def _read_adapter(path: Path) -> tuple[dict, dict, dict]:
     """
     if path.is_dir():
         if not (path / ADAPTER_WEIGHTS).is_file() or not (path / ADAPTER_CONFIG).is_file():
-            raise FileNotFoundError(
-                f"{path} has no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}: not an adapter folder"
-            )
+            raise UserInputError(
+                f"not an adapter folder (no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})", path,
+                "pass the adapter/ folder of a fine_tuning.py run, or its lora_weights.pth",
+            )  # fmt: skip
         path = path / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"adapter {path} does not exist")
+        raise UserInputError(
+            "adapter not found", path, "pass an adapter folder, .safetensors or lora_weights.pth"
+        )
     folder = path.parent
-    metadata = (
-        json.loads((folder / TSR_METADATA).read_text()) if (folder / TSR_METADATA).is_file() else {}
-    )
+    metadata = _read_json(folder / TSR_METADATA) if (folder / TSR_METADATA).is_file() else {}
     if path.suffix != ".safetensors":
         return _read_course_pth(path), {"lora_alpha": COURSE_ALPHA}, {}
     try:
@@ -141,9 +159,11 @@ def _read_adapter(path: Path) -> tuple[dict, dict, dict]:
             header = file.metadata() or {}
             state = {k.removeprefix(PEFT_PREFIX): file.get_tensor(k) for k in file.keys()}
     except Exception as error:  # safetensors raises its own SafetensorError
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+        raise UserInputError(
+            f"not a readable safetensors file ({error})", path, "save or copy the adapter again"
+        ) from error
     if (folder / ADAPTER_CONFIG).is_file():
-        settings = json.loads((folder / ADAPTER_CONFIG).read_text())
+        settings = _read_json(folder / ADAPTER_CONFIG)
     else:
         settings = {k: float(v) for k, v in header.items() if k in ("lora_alpha", "lora_dropout")}
     state = {re.sub(r"\.(lora_[AB])\.default\.", r".\1.", k): v for k, v in state.items()}
@@ -158,29 +178,36 @@ def _check_fits(model: nn.Module, state: dict, source: Path) -> tuple[list[str],
         match = re.fullmatch(r"(.+)\.lora_A\.weight", key)
         if match is None:
             if not re.fullmatch(r".+\.lora_B\.weight", key):
-                raise ValueError(f"{source}: unexpected key {key!r}; it is not a LoRA A/B weight")
+                raise UserInputError(
+                    f"unexpected key {key!r}, not a LoRA A/B weight", source,
+                    "pass an adapter saved by save_adapter or peft",
+                )  # fmt: skip
             continue
         name, rank = match.group(1), value.shape[0]
         module = linears.get(name)
         if module is None:
-            raise ValueError(
-                f"{source} targets {name!r}, which this model does not have as a Linear layer: "
-                "the adapter was made for another architecture or config"
-            )
+            raise UserInputError(
+                f"the adapter targets {name!r}, which this model does not have as a Linear layer",
+                source, "load it onto the base model it was trained on (see its tsr_adapter.json)",
+            )  # fmt: skip
         b = state.get(f"{name}.lora_B.weight")
         expected_a, expected_b = (rank, module.in_features), (module.out_features, rank)
         if tuple(value.shape) != expected_a or b is None or tuple(b.shape) != expected_b:
-            raise ValueError(
-                f"{source}: {name} has A {tuple(value.shape)} and B "
-                f"{None if b is None else tuple(b.shape)}; this model's layer needs A {expected_a} "
-                f"and B {expected_b}: the adapter was made for a model of another size"
-            )
+            raise UserInputError(
+                f"{name} has A {tuple(value.shape)} and B {None if b is None else tuple(b.shape)}"
+                f", this model's layer needs A {expected_a} and B {expected_b}", source,
+                "the adapter was made for a model of another size: load it onto that model",
+            )  # fmt: skip
         names.append(name)
         ranks.add(rank)
     if not ranks:
-        raise ValueError(f"{source} holds no LoRA weights (no `*.lora_A.weight` keys)")
+        raise UserInputError(
+            "no LoRA weights (no `*.lora_A.weight` keys)", source, "pass an adapter file"
+        )
     if len(ranks) != 1:
-        raise ValueError(f"{source}: expected one LoRA rank for all layers, found {sorted(ranks)}")
+        raise UserInputError(
+            f"LoRA ranks {sorted(ranks)} in one adapter", source, "pass an adapter of one rank"
+        )
     return names, ranks.pop()
 
 
@@ -195,10 +222,12 @@ def load_adapter(model: TSR, path, alpha: float | None = None, dropout: float | 
     state, settings, metadata = _read_adapter(path)
     alpha = settings.get("lora_alpha") if alpha is None else alpha
     if alpha is None:
-        raise ValueError(
-            f"{path} does not record its LoRA alpha (no {ADAPTER_CONFIG}): pass alpha="
-        )
+        raise UserInputError(
+            f"the LoRA alpha is not recorded (no {ADAPTER_CONFIG})", path,
+            "pass alpha= (fine_tuning.py's --alpha of the run)",
+        )  # fmt: skip
     dropout = settings.get("lora_dropout", 0.0) if dropout is None else dropout
+    check_finite(state, path)
     names, rank = _check_fits(model, state, path)
     existing = lora_layers(model)
     if not existing:
@@ -212,18 +241,19 @@ def load_adapter(model: TSR, path, alpha: float | None = None, dropout: float | 
         or _peft_config(model).lora_alpha != alpha
     ):
         ours = _peft_config(model)
-        raise ValueError(
-            f"{path} (rank {rank}, alpha {alpha}, {len(names)} layers) does not match the "
+        raise UserInputError(
+            f"the adapter (rank {rank}, alpha {alpha}, {len(names)} layers) does not match the "
             f"model's LoRA layers (rank {ours.r}, alpha {ours.lora_alpha}, {len(existing)} "
-            "layers): load it into a model without LoRA"
-        )
+            "layers)", path, "load it into a model without LoRA",
+        )  # fmt: skip
     dtype = lora_layers(model)[names[0]].lora_A["default"].weight.dtype
     result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: adapter keys do not fit: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
+        raise UserInputError(
+            f"adapter keys do not fit: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}", path, "load it onto the model it was made for",
+        )  # fmt: skip
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
     expected = metadata.get("base_fingerprint")
@@ -246,7 +276,4 @@ def export_course_adapter(model: TSR, path) -> Path:
         match = re.fullmatch(r"(.+)\.lora_(A|B)\.weight", key)
         factor = rescale if match.group(2) == "B" else 1.0
         state[f"{match.group(1)}.{match.group(2)}.weight"] = value.detach().cpu() * factor
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
+    return save_torch(state, path)

@@ -1,10 +1,10 @@
 """What fit() keeps besides the weights: the best validation and early stopping, the record
-of the run (metrics.jsonl, callbacks) and the checkpoints."""
+of the run (metrics.jsonl, callbacks), the checkpoints, and when and why a run ends."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tsr.files import append_text
 from utils.training.checkpoint import capture_rng_states, save_checkpoint, trainable_state
-from utils.training.config import HIGHER_IS_BETTER
+from utils.training.config import HIGHER_IS_BETTER, TrainConfig
 from utils.training.distributed import agree
 
 
@@ -74,8 +75,7 @@ class RunLog:
     def __call__(self, record: dict, event: str) -> None:
         self.history.append(record)
         if self.is_main:
-            with self.path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record) + "\n")
             self.event(event, record["step"], record)
 
     def event(self, event: str, *args) -> None:
@@ -91,15 +91,53 @@ class Checkpoints:
         self.path, self.world, self.is_main = path, world, is_main
         self.saved = [] if resumed_step is None else [resumed_step]
 
-    def save(self, step, model, optimizer, scheduler, generator, config, best) -> None:
+    def save(self, step, model, optimizer, scheduler, generator, settings, best) -> None:
         states = [capture_rng_states(generator)]
         if self.world > 1:  # every rank's sampler state, so each resumes its own stream
             states = [None] * self.world
             dist.all_gather_object(states, capture_rng_states(generator))
         if self.is_main:
-            config = dataclasses.asdict(config)
-            save_checkpoint(self.path, model, optimizer, scheduler, step, states, config, best)
+            save_checkpoint(self.path, model, optimizer, scheduler, step, states, settings, best)
         self.saved.append(step)
 
     def last(self) -> str:
         return f"{self.path} (step {self.saved[-1]})" if self.saved else "none yet"
+
+
+def refuse_non_finite(sums: dict, grad_norm: float, step: int, checkpoints) -> None:
+    """Stop on a non-finite loss or gradient, before it reaches the weights."""
+    if math.isfinite(sums["loss"]) and math.isfinite(grad_norm):
+        return
+    raise FloatingPointError(
+        f"non-finite loss {sums['loss']} / grad norm {grad_norm} at step {step + 1}: "
+        f"training stopped. The last good checkpoint is {checkpoints.last()}; resume "
+        "from it with a lower --lr, or check the data of this step"
+    )
+
+
+def run_ending(
+    step: int, total_steps: int, seconds: float, config: TrainConfig, world
+) -> str | None:
+    """Whether the run ends after this step, and why: its last step, or its time budget spent
+    after `seconds` of it (rank 0's clock decides for every rank, so all stop at the same step)."""
+    if step == total_steps:
+        return "max_steps"
+    if config.time_budget_s is None:
+        return None
+    spent = seconds >= config.time_budget_s
+    return "time_budget" if agree((spent, spent), world)[0] else None
+
+
+def ending_message(stopped_by: str, step: int, total_steps: int, config, best) -> str | None:
+    """The line a run that ended before its last step prints."""
+    if stopped_by == "early_stopping":
+        return best.stopping_message(step)
+    if stopped_by != "time_budget":
+        return None
+    weights = "the last step's"
+    if config.restore_best and best.step is not None:
+        weights = f"those of step {best.step}, the best validation"
+    return (
+        f"time budget of {config.time_budget_s:g} s spent at step {step} of {total_steps}: "
+        f"stopped after a final validation; the weights kept are {weights}"
+    )

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from tsr.errors import UserInputError
+
 HIGHER_IS_BETTER = ("val_psnr", "val_mask_iou")  # validation metrics where more is better
 EARLY_STOPPING_METRICS = ("val_loss", *HIGHER_IS_BETTER)
 
@@ -39,6 +41,9 @@ class TrainConfig:
     weight_decay: float = 1e-2  # AdamW decoupled weight decay (torch's default)
     max_steps: int | None = None  # optimiser steps; None: epochs x steps per epoch
     epochs: int = 100  # passes over the training objects when max_steps is None (course CLI)
+    # A bound on wall-clock time as well as on steps: a slow or busy machine trains fewer steps
+    # instead of running longer. Checked at step boundaries; a final validation follows.
+    time_budget_s: float | None = None  # seconds per fit() call, validations in; None: no limit
     warmup_fraction: float = 0.05  # linear warm-up over this share of the steps, then cosine
     min_lr_ratio: float = 0.1  # the cosine ends at lr x this, not 0: late steps still learn
     grad_clip: float = 1.0  # max global gradient norm (the course project's)
@@ -98,6 +103,10 @@ class TrainConfig:
             "weight_decay": (_non_negative(self.weight_decay), ">= 0"),
             "max_steps": (self.max_steps is None or self.max_steps >= 1, ">= 1 or None"),
             "epochs": (self.epochs >= 1, ">= 1"),
+            "time_budget_s": (
+                self.time_budget_s is None or _positive(self.time_budget_s),
+                "a number of seconds > 0, or None for no limit",
+            ),
             "warmup_fraction": (0 <= self.warmup_fraction < 1, "in [0, 1)"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             "grad_clip": (_positive(self.grad_clip), "> 0"),
@@ -113,6 +122,7 @@ class TrainConfig:
             "early_stopping_patience": (self.early_stopping_patience >= 0, ">= 0 (0: off)"),
             "mesh_every": (self.mesh_every >= 0, ">= 0"),
             "checkpoint_every": (self.checkpoint_every >= 0, ">= 0"),
+            "seed": (isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
         }
         for name in ("lambda_rgb", "lambda_mask", "lambda_lpips", "lambda_depth",
                      "lambda_occupancy", "lambda_surface_colour"):  # fmt: skip
@@ -122,10 +132,13 @@ class TrainConfig:
                 False,
                 "> 0, or set lambda_occupancy > 0 to train on 3D points only",
             )
-        wrong = [f"{name}={getattr(self, name)!r} (must be {want})"
-                 for name, (ok, want) in rules.items() if not ok]  # fmt: skip
+        wrong = [name for name, (ok, _) in rules.items() if not ok]
         if wrong:
-            raise ValueError("training settings out of range: " + "; ".join(wrong))
+            raise UserInputError(
+                "training settings out of range: "
+                + "; ".join(f"{n}={getattr(self, n)!r} (must be {rules[n][1]})" for n in wrong),
+                ", ".join(wrong), "change them to values in range (see utils/training/config.py)",
+            )  # fmt: skip
 
     def loss_weights(self) -> dict[str, float]:
         return {

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from tsr.files import write_bytes
 from utils.figures import figure_png
 
 # Logged validation metrics carry one of these prefixes; the curve is named without it.
@@ -61,7 +62,8 @@ class LivePlot:
     curves can be compared. Right panel: the training loss and its other terms (the 3D
     occupancy term, ...), which validation does not measure. In a notebook the figure is one
     display output whose PNG is replaced at most every `min_interval_s` seconds (no flicker,
-    no growing output). Elsewhere nothing is shown and `on_end` writes `out_png` if given.
+    no growing output); `show=False` never displays it (a figure only written to disk).
+    Elsewhere nothing is shown and `on_end` writes `out_png` if given.
     Plotted keys: `keys`, or every key ending in "loss" or starting with "loss_".
     """
 
@@ -72,12 +74,14 @@ class LivePlot:
         title: str = "training",
         log_y: bool = True,
         min_interval_s: float = 1.0,
+        show: bool = True,
     ):
         self.keys = list(keys) if keys is not None else None
         self.out_png = Path(out_png) if out_png is not None else None
         self.title = title
         self.log_y = log_y
         self.min_interval_s = min_interval_s
+        self.show = show
         self.train: dict[str, list[tuple[int, float]]] = {}  # key -> [(step, value)]
         self.validation: dict[str, list[tuple[int, float]]] = {}
         self._handle = None  # IPython display handle, created on the first draw
@@ -144,13 +148,10 @@ class LivePlot:
         return fig
 
     def savefig(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(figure_png(self.figure()))
-        return path
+        return write_bytes(path, figure_png(self.figure()))
 
     def _maybe_draw(self, force: bool = False) -> None:
-        if not _in_notebook():
+        if not self.show or not _in_notebook():
             return
         now = time.monotonic()
         if not force and now - self._last_draw < self.min_interval_s:
@@ -177,8 +178,9 @@ def read_metrics(source: str | Path | Iterable[dict]) -> list[dict]:
 
 def plot_loss_curves(source: str | Path | Iterable[dict], out_png: str | Path) -> Path:
     """Loss curves from logged records to a PNG. A record is validation when its `split` is
-    'val'/'validation' or a key starts with 'val_'/'val/'; every record needs a `step`."""
-    plot = LivePlot(out_png=out_png)
+    'val'/'validation' or a key starts with 'val_'/'val/'; every record needs a `step`.
+    Nothing is displayed: fit() calls this at its end, below the live plot of the same run."""
+    plot = LivePlot(out_png=out_png, show=False)
     for record in read_metrics(source):
         is_validation = record.get("split") in ("val", "validation") or any(
             key.startswith(VALIDATION_PREFIXES) for key in record

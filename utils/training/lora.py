@@ -22,6 +22,7 @@ Plain peft reads the folder too (tests/test_lora.py checks both, peft 0.21):
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -33,6 +34,7 @@ from peft import (
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from tsr.errors import UserInputError
 from tsr.model import TSR
 
 _BLOCKS = r"backbone\.transformer_blocks\.\d+"
@@ -66,23 +68,27 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
             return resolve_targets(model, preset)
         names = [name for name in linears if re.fullmatch(preset, name)]
         if not names:
-            raise ValueError(
-                f"LoRA targets {targets!r} match no Linear layer of this model; print "
-                "model.named_modules() to see the names"
-            )
+            raise UserInputError(
+                f"LoRA targets {targets!r} match no Linear layer of this model", "targets",
+                "print model.named_modules() to see the names",
+            )  # fmt: skip
         return names
     if isinstance(targets, str):
-        raise ValueError(
-            f"unknown LoRA target preset {targets!r}: choose one of {sorted(TARGET_PRESETS)}, "
-            "a list of module names, or a regex written 're:PATTERN'"
-        )
+        raise UserInputError(
+            f"unknown LoRA target preset {targets!r}", "targets",
+            f"choose one of {sorted(TARGET_PRESETS)}, a list of module names, or a regex "
+            "written 're:PATTERN'",
+        )  # fmt: skip
     names, unmatched = [], []
     for target in targets:
         hits = [n for n in linears if n == target or n.endswith("." + target)]
         unmatched += [] if hits else [target]
         names += [n for n in hits if n not in names]
     if unmatched:
-        raise ValueError(f"LoRA targets {unmatched} match no Linear layer of this model")
+        raise UserInputError(
+            f"LoRA targets {unmatched} match no Linear layer of this model", "targets",
+            "print model.named_modules() to see the names",
+        )  # fmt: skip
     return names
 
 
@@ -91,22 +97,53 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
 
 
 def add_lora(
-    model: TSR, r: int = 16, alpha: float = 16, dropout: float = 0.05, targets="attn"
-) -> TSR:
+    model: TSR, r: int = 16, alpha: float = 16, dropout: float = 0.05, targets="attn",
+    seed: int = 0,
+) -> TSR:  # fmt: skip
     """Wrap the target Linear layers with LoRA (A random, B zero: the output is unchanged),
-    freeze every base weight and keep the adapter in float32 whatever the base dtype."""
+    freeze every base weight and keep the adapter in float32 whatever the base dtype.
+
+    A is drawn with torch's generator seeded by `seed` (and its state restored afterwards):
+    peft draws from the global one, which torch seeds from the OS, so two runs with the same
+    settings used to start from different adapters."""
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers: use a fresh model, or load_adapter")
+    problems = [f"r={r!r} (an integer >= 1)"] if not (isinstance(r, int) and r >= 1) else []
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+        problems.append(f"alpha={alpha!r} (a finite number > 0)")
+    if not (isinstance(dropout, int | float) and 0 <= dropout < 1):
+        problems.append(f"dropout={dropout!r} (a probability in [0, 1))")
+    if problems:
+        raise UserInputError(
+            "LoRA settings out of range: " + "; ".join(problems), "r, alpha, dropout",
+            "pass values in those ranges (the course project's: r 16, alpha 16, dropout 0.05)",
+        )  # fmt: skip
     names = resolve_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
     config.base_model_name_or_path = getattr(model, "source", None)
-    inject_adapter_in_model(config, model)
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model)
     model.train(model.training)  # new LoRA dropouts start in train mode; follow the model's mode
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
         if "lora_" in name and parameter.is_floating_point():
             parameter.data = parameter.data.float()  # fp32 master weights for the optimiser
     return model
+
+
+def lora_settings(model: nn.Module) -> dict | None:
+    """What an adapter was made with: {"r", "alpha", "dropout", "targets"}; None without one."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return None
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "targets": sorted(config.target_modules),
+    }
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -157,6 +194,37 @@ def lora_size_table(model: nn.Module, ranks=(4, 8, 16, 32), targets="attn") -> s
         percent = 100 * count / base_total
         rows.append(f"| {r} | {count:,} | {percent:.3f} % | {count * 4 / 2**20:.1f} MB |")
     return "\n".join(rows)
+
+
+def update_norms(model: nn.Module) -> list[dict]:
+    """What the adapter learned, per wrapped layer: the update dW = (alpha / r) B A it adds to
+    the frozen weight W. -> one record per layer, in model order: layer, kind, block,
+    update_norm = ||dW||_F, relative = ||dW||_F / ||W||_F, and dW's r singular values
+    (descending; few large ones = the layer moved along few directions)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no LoRA layers (a merged adapter leaves none): load the adapter "
+            "with adapters.load_adapter and do not merge it"
+        )
+    rows = []
+    for name, layer in layers.items():
+        adapter = layer.active_adapters[0]
+        down = layer.lora_A[adapter].weight.detach().float()  # A: (r, d_in)
+        up = layer.lora_B[adapter].weight.detach().float()  # B: (d_out, r)
+        # B = Qb Rb and A^T = Qa Ra with orthonormal columns, so B A = Qb (Rb Ra^T) Qa^T has the
+        # singular values of the r x r core: no d_out x d_in matrix is ever decomposed.
+        core = torch.linalg.qr(up).R @ torch.linalg.qr(down.T).R.T  # (r, r)
+        singular = float(layer.scaling[adapter]) * torch.linalg.svdvals(core)  # (r,)
+        norm = float(singular.norm())  # ||dW||_F = sqrt(sum of squared singular values)
+        block = re.search(r"transformer_blocks\.(\d+)\.", name)
+        rows.append({
+            "layer": name, "kind": _kind(name), "block": int(block.group(1)) if block else None,
+            "update_norm": norm,
+            "relative": norm / float(layer.get_base_layer().weight.detach().float().norm()),
+            "singular_values": singular.tolist(),
+        })  # fmt: skip
+    return rows
 
 
 def merge_adapter(model: TSR) -> TSR:

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from tsr.errors import UserInputError
 from tsr.model import TSR
 from utils.training import lora
 from utils.training.config import TrainConfig
@@ -33,16 +34,30 @@ def _check_supervision(item: dict, config: TrainConfig) -> None:
     """Fail before step 1 when the losses asked for need data the dataset does not have."""
     wants_points = config.lambda_occupancy > 0 or config.rays_per_object == 0
     if wants_points and "occupancy_points" not in item:
-        raise ValueError(
-            "the occupancy loss (or rays_per_object=0) needs labelled 3D points: build the "
-            "dataset with --occupancy-points, or set lambda_occupancy=0 and rays_per_object > 0"
-        )
+        raise UserInputError(
+            "the occupancy loss (or rays_per_object=0) needs labelled 3D points, which the "
+            f"dataset lacks (object {item['object_id']})", "lambda_occupancy, rays_per_object",
+            "build the dataset with --occupancy-points, or set lambda_occupancy=0 and "
+            "rays_per_object > 0",
+        )  # fmt: skip
+    height, width = item["mask"].shape[1:]
+    if (
+        config.rays_per_object > 0
+        and config.sampling == "patches"
+        and config.patch_size > min(height, width)
+    ):
+        raise UserInputError(
+            f"patches of {config.patch_size} pixels do not fit the {height}x{width} views",
+            "patch_size (--patch)", f"choose a patch size <= {min(height, width)}",
+        )  # fmt: skip
     wants_distances = config.occupancy_sdf_scale > 0 or config.lambda_surface_colour > 0
     if wants_points and wants_distances and "occupancy_sdf" not in item:
-        raise ValueError(
+        raise UserInputError(
             "occupancy_sdf_scale and lambda_surface_colour need signed distances and colours "
-            "in occupancy.npz: rebuild the dataset with prepare_data.py --force"
-        )
+            f"in occupancy.npz (object {item['object_id']})",
+            "occupancy_sdf_scale, lambda_surface_colour",
+            "rebuild the dataset with prepare_data.py --force",
+        )  # fmt: skip
 
 
 def _trainable_parameters(model: TSR, mode: str) -> list[torch.nn.Parameter]:
@@ -70,9 +85,13 @@ def prepare(model: TSR, train_dataset, config: TrainConfig, rank: int, world: in
         torch.cuda.set_device(device)  # NCCL collectives use the current device
     n_objects = len(train_dataset)
     if n_objects == 0:
-        raise ValueError("the training dataset is empty: check --input_folder and its split.json")
+        raise UserInputError(
+            "the training dataset is empty", "--input_folder",
+            "check the folder and its split.json (prepare_data.py builds both)",
+        )  # fmt: skip
     # on an object this rank trains on anyway, so sharding stays exact (each rank loads its own)
-    _check_supervision(train_dataset[objects_for(0, n_objects, config, rank, world)[1][0]], config)
+    item = train_dataset[objects_for(0, n_objects, config, rank, world)[1][0]]
+    _check_supervision(item, config)
     steps_per_epoch = math.ceil(n_objects / (config.batch_size * world * config.grad_accum_steps))
     if world > 1:
         start_from_rank0(model)
