@@ -9,7 +9,8 @@ the CPU, at the smallest sizes that still run every cell.
 2. The six notebooks with SMOKE=1 and WORKBOOK_MODEL=<folder> (scripts/run_notebooks.py):
    the official profile's CI sizes (6 objects at 64², 2 + 2 training steps, meshes at 32-48³).
 3. The CLIs against the same folder: prepare_data.py, fine_tuning.py (1 step of the official
-   profile's CPU recipe), inference_lora.py, evaluate.py (both protocols), python -m tsr.
+   profile's CPU recipe), inference_lora.py, evaluate.py (both protocols), python -m tsr
+   (with run.py's flag names).
 
 Random weights make no meaningful mesh: the rehearsal proves that everything runs and how much
 time and memory it takes, not what it learns. Each step's wall time and peak RSS go to
@@ -77,11 +78,12 @@ def steps(model: Path, out: Path, device: str) -> list[tuple[str, list[str]]]:
     return [
         *notebooks,
         ("prepare_data", [python, "prepare_data.py", "--out", str(data), "--family", "parts",
-                          "--n", "6", "--views", "4", "--size", "64", "--seed", "1"]),
+                          "--n", "6", "--views", "4", "--size", "64", "--seed", "1", "--force"]),
         ("fine_tuning", [python, "fine_tuning.py", "--input_folder", str(data), "--pretrained",
                          str(model), "--output_dir", str(out / "lora"), "--run_name", "cli",
-                         "--max_steps", "1", "--patch", "32", "--val_objects", "1",
-                         "--device", device]),
+                         "--max_steps", "1", "--patch", "32", "--batch_size", "1", "--lr", "1e-4",
+                         "--grad_checkpointing", "--lambda_lpips", "2", "--lambda_mask", "0.05",
+                         "--val_objects", "1", "--overwrite", "--device", device]),
         ("inference_lora", [python, "inference_lora.py", *image, "--lora_path", str(adapter),
                             "--repo_root", str(model), "--mc-resolution", "32",
                             "--no-remove-bg", "--output", str(out / "sphere_lora.obj"),
@@ -89,9 +91,12 @@ def steps(model: Path, out: Path, device: str) -> list[tuple[str, list[str]]]:
         ("evaluate", [python, "evaluate.py", "--data", str(data), "--pretrained", str(model),
                       "--adapter", str(adapter), "--mc-resolution", "32", "--n-points", "2000",
                       "--output-dir", str(out / "eval"), "--device", device]),
-        ("python -m tsr", [python, "-m", "tsr", "examples/sphere.png", "--pretrained",
-                           str(model), "--output-dir", str(out / "tsr"), "--mc-resolution",
-                           "32", "--no-remove-bg", "--device", device]),
+        # run.py's flag names, as the official README writes them
+        ("python -m tsr", [python, "-m", "tsr", "examples/sphere.png", "--output-dir",
+                           f"{out / 'tsr'}/", "--pretrained-model-name-or-path", str(model),
+                           "--model-save-format", "obj", "--mc-resolution", "32",
+                           "--chunk-size", "8192", "--foreground-ratio", "0.85",
+                           "--no-remove-bg", "--device", device]),
     ]  # fmt: skip
 
 
