@@ -57,7 +57,8 @@ def run_case(args: argparse.Namespace) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = fit(model, train, config, output_dir=Path(args.out) / "run")
+    # overwrite: each case replaces the previous case's run (fit() refuses otherwise)
+    result = fit(model, train, config, output_dir=Path(args.out) / "run", overwrite=True)
     seconds = [r["seconds"] for r in result.history if "seconds" in r]
     return {
         "profile": profile.name, "device": args.device, "steps": len(seconds),
