@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # More JupyterLab options, e.g. make lab LAB_ARGS="--no-browser --port 8899".
 LAB_ARGS ?=
 
-.PHONY: install lab demo test test-slow test-browser lint format bench clean
+.PHONY: install lab demo test test-slow test-browser rehearse lint format bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ test-browser: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
+
+# Every notebook and CLI against a full-size TripoSR checkpoint (random weights, official
+# format, built in outputs/rehearsal/model) on the CPU at CI sizes. Too long for `make test`
+# (README, "Using the real TripoSR weights"); `make test-slow` runs it as a test.
+rehearse: $(STAMP)
+	$(PY) scripts/rehearse.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -11,7 +11,9 @@ PIXEL_STRIDE in utils/evaluation/evaluate.py say how near).
 
 Writes into --output-dir: metrics.json (per object and summary), metrics.md (tables with
 standard errors and paired base-vs-adapter differences), metrics.png (bars) and the meshes
-(meshes/<model>/<object>.obj) for notebook 05's gallery.
+(meshes/<model>/<object>.obj) for notebook 05's gallery. Beside our world-frame scores, the
+"paper" columns score the same meshes as the TripoSR and SF3D papers do (unit bounding box,
+rotation search and ICP, F@0.1/0.2/0.5); --no-paper-protocol skips them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tsr.model import TSR
 from utils.data.check import check_dataset
 from utils.data.dataset import SPLITS, MultiViewDataset
 from utils.evaluation.evaluate import MESH_METHOD, PIXEL_STRIDE, evaluate_models
+from utils.evaluation.paper_protocol import add_paper_protocol
 from utils.evaluation.report import compare, write_report
 from utils.training.adapters import load_adapter
 from utils.training.lora import merge_adapter
@@ -83,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-objects", type=positive_int, default=None, help="the first N of the split"
     )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="surface sampling seed")
+    parser.add_argument(
+        "--paper-protocol", action=argparse.BooleanOptionalAction, default=True,
+        help="also score as TripoSR/SF3D do: unit box, rotation search + ICP, F@0.1/0.2/0.5",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -118,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         n_points=args.n_points, seed=args.seed, mesh_dir=meshes, device=args.device,
         mesh_method=args.mesh_method, pixel_stride=args.pixel_stride,
     )  # fmt: skip
+    if args.paper_protocol:
+        for name, rows in records.items():
+            add_paper_protocol(rows, dataset, args.n_points, args.seed, name=name)
     settings = {
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "threshold_used": threshold,

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["00_environment", "01_dataset", "02_lora_injection", "03_training",
             "04_mesh_extraction", "05_evaluation"]  # fmt: skip
-SETTINGS = {"MODEL", "DATA", "DEVICE", "SMOKE"}
+SETTINGS = {"MODEL", "DATA", "DEVICE", "SMOKE", "PROFILE"}
 MAX_CODE_LINES = 8  # non-blank lines of any code cell but the settings cell
 
 
@@ -71,7 +71,10 @@ def test_notebook_opens_with_a_title_and_one_settings_cell(path):
     names = assigned_names(code_of(settings_cell))
     assert SETTINGS <= set(names), f"{path.name}: the first code cell lacks {SETTINGS - set(names)}"
     assert ast.unparse(names["SMOKE"]) == "os.environ.get('SMOKE') == '1'"
-    assert ast.unparse(names["MODEL"]) == "DEFAULT_MODEL", "the default model is tsr.io's"
+    # the default model is tsr.io's; WORKBOOK_MODEL points every notebook elsewhere at once
+    assert ast.unparse(names["MODEL"]) == "os.environ.get('WORKBOOK_MODEL', DEFAULT_MODEL)"
+    assert ast.unparse(names["PROFILE"]) == "recipes.profile_for(MODEL, DEVICE)"
+    assert ast.unparse(names["DATA"]) == "PROFILE.data_folder(SMOKE)", "the profile's dataset"
     assert "torch.cuda.is_available()" in ast.unparse(names["DEVICE"])
     later = [assigned_names(code_of(c)) for c in cells if c.cell_type == "code"][1:]
     redefined = [name for names in later for name in names if name in SETTINGS]
@@ -92,7 +95,7 @@ def test_every_code_cell_is_short_and_follows_prose(path):
 # ---- utils/notebook/ -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory) -> Path:
-    return setup.ensure_dataset(tmp_path_factory.mktemp("data") / "smoke", smoke=True)
+    return setup.ensure_dataset(tmp_path_factory.mktemp("data") / "smoke", recipes.CLASSROOM, True)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +157,8 @@ def test_split_counts_add_up(smoke_data):
 
     rows = tables.split_counts(dataset_statistics(smoke_data))
     assert [row["split"] for row in rows] == ["train", "val", "test"]
-    assert sum(row["total"] for row in rows) == recipes.SMOKE_DATASET["n_objects"]
-    families = recipes.SMOKE_DATASET["families"]
+    assert sum(row["total"] for row in rows) == recipes.CLASSROOM.smoke_dataset["n_objects"]
+    families = recipes.CLASSROOM.smoke_dataset["families"]
     assert all(row["total"] == sum(row[family] for family in families) for row in rows)
 
 
@@ -236,14 +239,14 @@ def test_lora_settings_compared_from_one_start(tmp_path, smoke_data):
 
 def test_ensure_adapter_reuses_a_matching_adapter_and_replaces_another(tmp_path, smoke_data):
     run_dir = tmp_path / "run"
-    first = setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
+    first = setup.ensure_adapter("tiny", smoke_data, run_dir, smoke=True, steps=1)
     stamp = (first / adapters.ADAPTER_WEIGHTS).stat().st_mtime_ns
-    assert setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1) == first
+    assert setup.ensure_adapter("tiny", smoke_data, run_dir, smoke=True, steps=1) == first
     assert (first / adapters.ADAPTER_WEIGHTS).stat().st_mtime_ns == stamp  # not retrained
     metadata = json.loads((first / adapters.TSR_METADATA).read_text())
     metadata["base_fingerprint"] = "other weights"
     (first / adapters.TSR_METADATA).write_text(json.dumps(metadata))
-    again = setup.ensure_adapter("tiny", smoke_data, run_dir, steps=1)
+    again = setup.ensure_adapter("tiny", smoke_data, run_dir, smoke=True, steps=1)
     assert (
         json.loads((again / adapters.TSR_METADATA).read_text())["base_fingerprint"]
         != "other weights"

@@ -44,8 +44,10 @@ __all__ = [
     "nearest_distances",
     "paired_difference",
     "psnr",
+    "rigid_fit",
     "sample_surface",
     "sphere_baseline",
+    "unit_box_normalise",
 ]
 
 N_SURFACE_POINTS = 10_000
@@ -101,6 +103,26 @@ def course_normalise(points: np.ndarray) -> np.ndarray:
     """The course project's normalisation: minus the centroid, over twice the max |coordinate|."""
     centred = points - points.mean(axis=0, keepdims=True)
     return centred / (2 * max(float(np.abs(centred).max()), 1e-6))
+
+
+def unit_box_normalise(points: np.ndarray) -> np.ndarray:
+    """Centre a cloud on its bounding-box centre and scale its longest side to 1, so that it
+    fits [-0.5, 0.5]³ (the unit bounding box the TripoSR and SF3D evaluations scale to).
+    (N, 3) -> (N, 3)"""
+    low, high = points.min(axis=0), points.max(axis=0)
+    return (points - (low + high) / 2) / max(float((high - low).max()), 1e-9)
+
+
+def rigid_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rotation R and translation t minimising sum |R p + t - q|² over paired points
+    (Kabsch: the SVD of the centred cross-covariance, with a reflection ruled out).
+    (N, 3), (N, 3) -> R (3, 3), t (3,)"""
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    covariance = (source - source_mean).T @ (target - target_mean)  # (3, 3)
+    u, _, vt = np.linalg.svd(covariance)
+    flip = np.diag([1.0, 1.0, np.sign(np.linalg.det(vt.T @ u.T))])  # det R = +1, no mirror
+    rotation = vt.T @ flip @ u.T
+    return rotation, target_mean - rotation @ source_mean
 
 
 def _cloud_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:

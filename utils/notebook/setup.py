@@ -13,8 +13,7 @@ import torch
 from tsr.model import TSR
 from utils.data.build import prepare_dataset
 from utils.data.dataset import MultiViewDataset
-from utils.training import adapters, lora
-from utils.training.recipes import LORA_RECIPE, SMOKE_DATASET, WORKBOOK_DATASET
+from utils.training import adapters, lora, profiles, recipes
 
 
 def repo_root() -> Path:
@@ -34,25 +33,31 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_dataset(root: str | Path, smoke: bool = False) -> Path:
-    """`root` as it is when it holds a dataset (split.json); otherwise build one there first:
-    notebook 01's (WORKBOOK_DATASET, ~1 min on 2 cores) or the SMOKE set."""
+def ensure_dataset(root: str | Path, profile: profiles.Profile, smoke: bool = False) -> Path:
+    """`root` as it is when it holds a dataset built with the profile's sizes (split.json and
+    dataset.json); otherwise build the profile's there first (notebook 01's, or the SMOKE
+    set). A dataset of another profile's sizes is refused, never silently reused."""
     root = Path(root)
     if not (root / "split.json").is_file():
         print(f"no dataset in {root} yet (notebook 01 builds it): building it now")
-        prepare_dataset(root, **(SMOKE_DATASET if smoke else WORKBOOK_DATASET))
+        prepare_dataset(root, **profile.dataset_settings(smoke))
+    profiles.check_dataset(root, profile, smoke)
     return root
 
 
 def ensure_adapter(
-    model_name: str, data: str | Path, run_dir: str | Path, device: str = "cpu", steps: int = 60
-) -> Path:
+    model_name: str, data: str | Path, run_dir: str | Path, device: str = "cpu",
+    smoke: bool = False, steps: int = 60,
+) -> Path:  # fmt: skip
     """`run_dir/adapter` when notebook 03 made it for these base weights; otherwise a short
-    LoRA run of `steps` steps makes it (the fingerprint in tsr_adapter.json tells)."""
+    LoRA run of `steps` steps at the model's profile makes it (the fingerprint in
+    tsr_adapter.json tells), on `data` (built first if missing)."""
     from utils.training.train import TrainConfig, fit  # the training loop only when needed
 
     adapter = Path(run_dir) / "adapter"
     model = TSR.from_pretrained(model_name)
+    profile = recipes.profile_for(model, device, verbose=False)
+    data = ensure_dataset(data, profile, smoke)
     metadata = adapter / adapters.TSR_METADATA
     if metadata.is_file():
         if json.loads(metadata.read_text()).get("base_fingerprint") == model.weights_fingerprint():
@@ -61,6 +66,7 @@ def ensure_adapter(
     print(f"no adapter for {model_name!r} in {adapter}: a short run of {steps} steps makes one")
     lora.add_lora(model, r=16, alpha=16, dropout=0.05)  # notebook 03's adapter
     train = MultiViewDataset(data, "train", 4, cond_size=model.config.cond_image_size)
-    config = TrainConfig(**LORA_RECIPE, max_steps=steps, val_every=0, checkpoint_every=steps)
+    settings = profile.train_settings(device, smoke)
+    config = TrainConfig(**settings, max_steps=steps, val_every=0, checkpoint_every=steps)
     # overwrite: the run there made no adapter for these weights; this one replaces it
     return fit(model.to(device), train, config, output_dir=run_dir, overwrite=True).artefact
