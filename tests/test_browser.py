@@ -107,12 +107,11 @@ class DevTools:
 
 @pytest.fixture
 def jupyter_lab(tmp_path):
-    """JupyterLab on 127.0.0.1 with a random port and token, serving a copy of the notebook
-    (the committed one must stay without outputs); kernels inherit SMOKE=1."""
+    """JupyterLab on 127.0.0.1 with a random port and token, serving a copy of the notebooks
+    (the committed ones must stay without outputs); kernels inherit SMOKE=1."""
     port, token = free_port(), secrets.token_hex(16)
     root = tmp_path / "lab-root"
-    (root / NOTEBOOK).parent.mkdir(parents=True)
-    shutil.copy(REPO / NOTEBOOK, root / NOTEBOOK)
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
     settings_dir = tmp_path / "lab-settings"
     for plugin, values in LAB_SETTINGS.items():
         path = settings_dir / f"{plugin}.jupyterlab-settings"
@@ -268,3 +267,64 @@ def test_notebook_04_draws_the_3d_viewer_in_jupyterlab(jupyter_lab, browser):
     assert white > 0.05, f"no white background in the canvas: blank or failed WebGL ({box})"
     assert other > 0.01, f"the canvas shows no mesh: {other:.2%} non-white pixels ({box})"
     assert spread > 5, f"the mesh pixels are one flat colour (std {spread:.1f}): no shading"
+
+
+# The code cell whose source holds `marker`, scrolled to the top of the window. -> its index
+SCROLL_TO_CELL_JS = """((marker) => {{
+  const panel = {panel};
+  const cells = panel.content.widgets;
+  const index = cells.findIndex(cell => cell.model.sharedModel.getSource().includes(marker));
+  if (index < 0) return null;
+  cells[index].node.scrollIntoView({{block: 'start'}});
+  return index;
+}})"""
+# What a student looks for after Run All, notebook by notebook: the cells new in this round.
+WALKTHROUGH = {
+    "00_environment": ["show_environment_report"],
+    "01_dataset": ["my_dataset"],
+    "02_lora_injection": ["merged"],
+    "03_training": ["LivePlot(", "compare_lora_settings("],
+    "04_mesh_extraction": ["prepare_photo"],
+    "05_evaluation": ["paired_scatter", "lora_update_plot"],
+}
+WALKTHROUGH_SHOTS = REPO / "outputs" / "browser" / "walkthrough"
+
+
+def run_all_in_the_browser(browser: DevTools, base: str, token: str, notebook: str) -> dict:
+    """Open `notebook` in JupyterLab, Run All, wait for the last cell. -> its state"""
+    browser.call("Page.navigate", url=f"{base}/lab/tree/{notebook}?token={token}&reset")
+
+    def kernel_idle():
+        state = notebook_state(browser)
+        return state if state and state["path"] == notebook and state["kernel"] == "idle" else None
+
+    wait_for(kernel_idle, 180, f"{notebook} to open with an idle kernel")
+    browser.evaluate(RUN_ALL_JS)
+
+    def finished():
+        state = notebook_state(browser)
+        if state["errors"]:
+            pytest.fail(f"{notebook} failed in the browser: {state['errors']}")
+        done = state["executed"] == state["cells"] and state["kernel"] == "idle"
+        return state if done else None
+
+    return wait_for(finished, 1800, f"every cell of {notebook} to run", period=2)
+
+
+def test_the_six_notebooks_run_in_order_in_jupyterlab(jupyter_lab, browser):
+    """A student's walk: each notebook opened in JupyterLab and run with Run All, in order;
+    none may show an error. Screenshots of the cells new in this round go to
+    outputs/browser/walkthrough/ (the page with that cell at its top)."""
+    base, token = jupyter_lab
+    WALKTHROUGH_SHOTS.mkdir(parents=True, exist_ok=True)
+    for name, markers in WALKTHROUGH.items():
+        state = run_all_in_the_browser(browser, base, token, f"notebooks/{name}.ipynb")
+        assert state["cells"] > 3 and not state["errors"]
+        for marker in markers:
+            script = SCROLL_TO_CELL_JS.format(panel=NOTEBOOK_PANEL_JS)
+            index = browser.evaluate(f"{script}({json.dumps(marker)})")
+            assert index is not None, f"{name}: no cell holds {marker!r}"
+            time.sleep(2)  # let the page settle (images decode, three.js draws)
+            png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+            slug = "".join(c if c.isalnum() else "_" for c in marker).strip("_")
+            (WALKTHROUGH_SHOTS / f"{name}-{slug}.png").write_bytes(png)

@@ -108,6 +108,13 @@ def test_repo_root_is_found_from_the_notebooks_folder(monkeypatch):
     assert setup.repo_root() == REPO
 
 
+def test_repo_root_of_a_notebook_copied_elsewhere_is_the_installed_one(monkeypatch, tmp_path):
+    """A notebook opened outside the repository (a copy, JupyterLab served from elsewhere)
+    finds the repository this package lives in."""
+    monkeypatch.chdir(tmp_path)
+    assert setup.repo_root() == REPO
+
+
 def test_peak_memory_sees_a_temporary_allocation():
     with measuring.peak_memory("cpu") as memory:
         block = np.ones(100 * 2**20 // 8)  # 100 MB, touched

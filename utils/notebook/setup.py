@@ -20,7 +20,7 @@ def repo_root() -> Path:
     """The repository folder (pyproject.toml + tsr/): from the working folder upwards, else
     where this package lives. Notebooks chdir there, so their paths are repository paths."""
     here = Path.cwd().resolve()
-    for folder in (here, *here.parents, Path(__file__).resolve().parents[1]):
+    for folder in (here, *here.parents, Path(__file__).resolve().parents[2]):
         if (folder / "pyproject.toml").is_file() and (folder / "tsr").is_dir():
             return folder
     raise FileNotFoundError(f"no repository (pyproject.toml and tsr/) above {here}")
