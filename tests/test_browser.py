@@ -108,7 +108,8 @@ class DevTools:
 @pytest.fixture
 def jupyter_lab(tmp_path):
     """JupyterLab on 127.0.0.1 with a random port and token, serving a copy of the notebooks
-    (the committed ones must stay without outputs); kernels inherit SMOKE=1."""
+    (the committed ones must stay without outputs); kernels get SMOKE=1 unless SMOKE is set
+    (SMOKE=0: the notebooks at full size, as a student runs them)."""
     port, token = free_port(), secrets.token_hex(16)
     root = tmp_path / "lab-root"
     shutil.copytree(REPO / "notebooks", root / "notebooks")
@@ -119,7 +120,7 @@ def jupyter_lab(tmp_path):
         path.write_text(json.dumps(values))
     env = {
         "OMP_WAIT_POLICY": "PASSIVE",  # see scripts/run_notebooks.py
-        **os.environ, "SMOKE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        **os.environ, "SMOKE": os.environ.get("SMOKE", "1"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
     }  # fmt: skip
     command = [
@@ -269,11 +270,13 @@ def test_notebook_04_draws_the_3d_viewer_in_jupyterlab(jupyter_lab, browser):
     assert spread > 5, f"the mesh pixels are one flat colour (std {spread:.1f}): no shading"
 
 
-# The code cell whose source holds `marker`, scrolled to the top of the window. -> its index
+# The first code cell whose source holds `marker`, scrolled to the top of the window. -> its
+# index among the notebook's cells
 SCROLL_TO_CELL_JS = """((marker) => {{
   const panel = {panel};
   const cells = panel.content.widgets;
-  const index = cells.findIndex(cell => cell.model.sharedModel.getSource().includes(marker));
+  const index = cells.findIndex(cell => cell.model.type === 'code'
+    && cell.model.sharedModel.getSource().includes(marker));
   if (index < 0) return null;
   cells[index].node.scrollIntoView({{block: 'start'}});
   return index;
@@ -282,7 +285,7 @@ SCROLL_TO_CELL_JS = """((marker) => {{
 WALKTHROUGH = {
     "00_environment": ["show_environment_report"],
     "01_dataset": ["my_dataset"],
-    "02_lora_injection": ["merged"],
+    "02_lora_injection": ["codes_merged"],
     "03_training": ["LivePlot(", "compare_lora_settings("],
     "04_mesh_extraction": ["prepare_photo"],
     "05_evaluation": ["paired_scatter", "lora_update_plot"],
