@@ -231,25 +231,32 @@ def test_drawn_fraction_tells_a_blank_canvas_from_a_drawn_one():
     assert white > 0.5 and other == pytest.approx(0.25) and spread > 10
 
 
-def test_notebook_04_draws_the_3d_viewer_in_jupyterlab(jupyter_lab, browser):
-    base, token = jupyter_lab
-    browser.call("Page.navigate", url=f"{base}/lab/tree/{NOTEBOOK}?token={token}&reset")
+def run_all_in_the_browser(
+    browser: DevTools, base: str, token: str, notebook: str, timeout: float = 1800
+) -> dict:
+    """Open `notebook` in JupyterLab, Run All, wait for the last cell. -> its state"""
+    browser.call("Page.navigate", url=f"{base}/lab/tree/{notebook}?token={token}&reset")
 
     def kernel_idle():
         state = notebook_state(browser)
-        return state if state and state["path"] == NOTEBOOK and state["kernel"] == "idle" else None
+        return state if state and state["path"] == notebook and state["kernel"] == "idle" else None
 
-    wait_for(kernel_idle, 180, f"{NOTEBOOK} to open with an idle kernel")
+    wait_for(kernel_idle, 180, f"{notebook} to open with an idle kernel")
     browser.evaluate(RUN_ALL_JS)
 
     def finished():
         state = notebook_state(browser)
         if state["errors"]:
-            pytest.fail(f"{NOTEBOOK} failed in the browser: {state['errors']}")
+            pytest.fail(f"{notebook} failed in the browser: {state['errors']}")
         done = state["executed"] == state["cells"] and state["kernel"] == "idle"
         return state if done else None
 
-    state = wait_for(finished, 600, f"every cell of {NOTEBOOK} to run", period=2)
+    return wait_for(finished, timeout, f"every cell of {notebook} to run", period=2)
+
+
+def test_notebook_04_draws_the_3d_viewer_in_jupyterlab(jupyter_lab, browser):
+    base, token = jupyter_lab
+    state = run_all_in_the_browser(browser, base, token, NOTEBOOK, timeout=600)
     assert state["cells"] > 5
 
     box = json.loads(wait_for(lambda: browser.evaluate(CANVAS_JS), 60, "a pythreejs canvas"))
@@ -291,27 +298,6 @@ WALKTHROUGH = {
     "05_evaluation": ["paired_scatter", "lora_update_plot"],
 }
 WALKTHROUGH_SHOTS = REPO / "outputs" / "browser" / "walkthrough"
-
-
-def run_all_in_the_browser(browser: DevTools, base: str, token: str, notebook: str) -> dict:
-    """Open `notebook` in JupyterLab, Run All, wait for the last cell. -> its state"""
-    browser.call("Page.navigate", url=f"{base}/lab/tree/{notebook}?token={token}&reset")
-
-    def kernel_idle():
-        state = notebook_state(browser)
-        return state if state and state["path"] == notebook and state["kernel"] == "idle" else None
-
-    wait_for(kernel_idle, 180, f"{notebook} to open with an idle kernel")
-    browser.evaluate(RUN_ALL_JS)
-
-    def finished():
-        state = notebook_state(browser)
-        if state["errors"]:
-            pytest.fail(f"{notebook} failed in the browser: {state['errors']}")
-        done = state["executed"] == state["cells"] and state["kernel"] == "idle"
-        return state if done else None
-
-    return wait_for(finished, 1800, f"every cell of {notebook} to run", period=2)
 
 
 def test_the_six_notebooks_run_in_order_in_jupyterlab(jupyter_lab, browser):
