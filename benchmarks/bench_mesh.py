@@ -8,8 +8,9 @@ faces, peak RSS and how far its mesh is from the dense one. Cases:
   dense           ours, every grid point (one volume, or blocks above 406^3).
   coarse_to_fine  ours, a grid 4x coarser, then every point near its sign changes: fast, but
                   blind to parts that pass between coarse samples.
-  auto            the default of `TSR.extract_mesh` (dense for a learned density: no bound on
-                  its slope proves a surface-only pass exact; see tsr/mesh.py).
+  auto            the default of `TSR.extract_mesh`: a band around the surface, margins
+                  measured to give the dense mesh (tsr/model.py), or dense where the band
+                  would not be one.
   blocks          ours, every point, in 128^3 blocks (not run unless asked).
   forward, render128: the image-to-triplane pass and one 128^2 view.
 Each case runs in its own process, so its peak RSS is its own; "over weights" is the peak
@@ -129,6 +130,7 @@ def run_case(args) -> dict:
             queries = args.resolution**3
         else:
             from tsr import mesh as mesh_extraction
+            from tsr.model import surface_band
 
             def density(points, code=scene_codes[0]):
                 decoded = model.renderer.query_triplane(model.decoder, points, code)
@@ -139,8 +141,8 @@ def run_case(args) -> dict:
                 resolution=args.resolution,
                 threshold=args.threshold,
                 radius=model.config.renderer.radius,
-                method=args.case,
                 device=args.device,
+                **surface_band(args.resolution, scene_codes.shape[-1], args.threshold, args.case),
             )
             verts, faces, queries, method = (
                 result.verts,

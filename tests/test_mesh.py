@@ -432,26 +432,142 @@ def test_certified_queries_a_thin_band_around_the_surface():
     assert certified.n_queries < 12 * surface_voxels < 0.1 * resolution**3
 
 
-@pytest.mark.parametrize("model_name", ["tiny", "classroom"])
-def test_models_default_extraction_is_dense(model_name):
-    """A learned density has no usable Lipschitz bound: the default is the dense mesh."""
+def _part_image(seed: int) -> np.ndarray:
+    """A few coloured boxes on black, different per seed: a part-like input."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((96, 96, 3), np.uint8)
+    for _ in range(3):
+        top, left = rng.integers(10, 50, 2)
+        height, width = rng.integers(12, 40, 2)
+        image[top : top + height, left : left + width] = rng.integers(60, 255, 3)
+    return image
+
+
+@pytest.fixture
+def recorded_extractions(monkeypatch):
+    """The MeshExtraction of every TSR.extract_mesh call, to see the method and queries."""
+    from tsr import model as tsr_model
+
+    records = []
+
+    def recording(*args, **kwargs):
+        records.append(extract_isosurface(*args, **kwargs))
+        return records[-1]
+
+    monkeypatch.setattr(tsr_model.mesh_extraction, "extract_isosurface", recording)
+    return records
+
+
+@pytest.mark.parametrize(
+    ("model_name", "resolution", "seed"),
+    [("classroom", 64, 0), ("classroom", 96, 1), ("classroom", 128, 2), ("tiny", 64, 3),
+     ("random-classroom", 64, 4)],
+)  # fmt: skip
+def test_models_default_extraction_is_the_dense_mesh(
+    model_name, resolution, seed, recorded_extractions
+):
+    """The default ("auto": a band around the surface) gives the dense mesh: the trained
+    model on part-like inputs, and random weights cut at their 90th percentile (they never
+    reach 25), whose flat, noisy field makes the band query every point."""
     from tsr import TSR
 
-    model = TSR.from_pretrained(model_name)
-    image = np.zeros((64, 64, 3), np.uint8)
-    image[16:48, 20:44] = (200, 120, 40)
+    if model_name == "random-classroom":
+        model = TSR.from_config(TSR.from_pretrained("classroom").config, seed=seed)
+    else:
+        model = TSR.from_pretrained(model_name)
     with torch.no_grad():
-        codes = model([image])
+        codes = model([_part_image(seed)])
         threshold = model.config.mc_threshold
-        if model_name == "tiny":  # random weights never reach 25: cut at the 90th percentile
+        if model_name != "classroom":
             points = torch.rand(4096, 3, generator=torch.Generator().manual_seed(0)) * 1.74 - 0.87
             density = model.renderer.query_triplane(model.decoder, points, codes[0])
             threshold = float(density["density_act"].quantile(0.9))
-    default = model.extract_mesh(codes, False, resolution=48, threshold=threshold)[0]
-    dense = model.extract_mesh(codes, False, resolution=48, threshold=threshold, method="dense")[0]
+    default = model.extract_mesh(codes, False, resolution=resolution, threshold=threshold)[0]
+    dense = model.extract_mesh(codes, False, resolution, threshold, method="dense")[0]
+    band, full = recorded_extractions
+    assert band.method == "band"
+    if model_name == "classroom":
+        assert band.n_queries < 0.6 * full.n_queries
+    else:  # a random decoder's field is flat noise: every cell is near the threshold
+        assert band.n_queries > full.n_queries
     assert len(dense.faces) > 100
     assert np.array_equal(default.vertices, dense.vertices)
     assert np.array_equal(default.faces, dense.faces)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "plane_size", "step"),
+    [(256, 64, 2), (512, 64, 4), (128, 64, 1), (1024, 64, 4), (128, 16, 4), (64, 16, 2)],
+)
+def test_band_step_is_about_half_a_texel(resolution, plane_size, step):
+    from tsr.model import surface_band, surface_coarse_step
+
+    assert surface_coarse_step(resolution, plane_size) == step
+    assert surface_band(resolution, plane_size, 25.0)["method"] == (
+        "dense" if step == 1 else "band"
+    )
+    assert surface_band(resolution, plane_size, 0.0)["method"] == "dense"  # no log of 0
+    assert surface_band(resolution, plane_size, 25.0, "blocks")["method"] == "blocks"
+
+
+# The band's margin on fields whose log-density has a known slope k (world units): a point of
+# an unselected cell is within half a cell diagonal h of a corner whose log-density is at
+# least log_margin from the threshold's, so a slope k <= log_margin / h proves the band exact.
+def _log_density_field(field, slope: float):
+    """exp(slope * field): positive, threshold 1 where field = 0, log-slope = slope * bound."""
+    return lambda p: torch.exp(slope * field(p))
+
+
+@pytest.mark.parametrize("name", SMALL_PART_FIELDS)
+def test_band_keeps_every_island_when_the_margin_covers_the_slope(name):
+    field, bound = SMALL_PART_FIELDS[name]
+    resolution, step, log_margin = SMALL_PARTS_RESOLUTION, 4, 2.0
+    half_diagonal = 3**0.5 * step * voxel(resolution) / 2
+    exact = _log_density_field(field, log_margin / half_diagonal / bound)
+    dense = extract_isosurface(exact, resolution, 1.0, method="dense")
+    band = extract_isosurface(exact, resolution, 1.0, coarse_step=step, margin=0, log_margin=2.0)
+    assert band.method == "band"
+    assert np.array_equal(band.verts, dense.verts)
+    assert np.array_equal(band.faces, dense.faces)
+    assert band.n_queries <= 0.6 * dense.n_queries
+    # A margin, not a proof: a field 8x steeper than it covers loses parts, as coarse_to_fine.
+    steep = _log_density_field(field, 8 * log_margin / half_diagonal / bound)
+    dense = extract_isosurface(steep, resolution, 1.0, method="dense")
+    band = extract_isosurface(steep, resolution, 1.0, coarse_step=step, margin=0, log_margin=2.0)
+    assert len(band.faces) < len(dense.faces)
+
+
+def test_band_of_a_field_lumpy_at_the_coarse_scale_is_the_dense_grid():
+    """The trained decoder on a random triplane x 10: noise with islands smaller than a
+    coarse cell, where the margin missed one (seeds and scales of benchmarks/bench_band.py's
+    search). Such a band covers most cells, so every point is queried."""
+    from tsr import TSR
+
+    model = TSR.from_pretrained("classroom")
+    channels, size = model.config.decoder.in_channels // 3, 2 * model.config.tokenizer.plane_size
+    code = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(2)) * 10
+
+    def density(points: torch.Tensor) -> torch.Tensor:
+        return model.renderer.query_triplane(model.decoder, points, code)["density_act"][:, 0]
+
+    with torch.no_grad():
+        points = torch.rand(20000, 3, generator=torch.Generator().manual_seed(2)) * 1.74 - 0.87
+        threshold = float(density(points).quantile(0.9))
+        dense = extract_isosurface(density, 64, threshold, method="dense")
+        band = extract_isosurface(density, 64, threshold, coarse_step=2, log_margin=2.0)
+    assert np.array_equal(band.verts, dense.verts)
+    assert np.array_equal(band.faces, dense.faces)
+    assert band.n_queries > dense.n_queries  # the coarse grid, then every point
+
+
+def test_band_needs_a_positive_threshold_and_margin():
+    with pytest.raises(ValueError, match="positive threshold"):
+        extract_isosurface(sphere, 24, 0.0, log_margin=1.0)
+    with pytest.raises(ValueError, match="log_margin >= 0"):
+        extract_isosurface(sphere, 24, 1.0, log_margin=-1.0)
+    with pytest.raises(ValueError, match="needs log_margin"):
+        extract_isosurface(sphere, 24, 1.0, method="band")
+    assert extract_isosurface(lambda p: sphere(p) + 1, 24, 1.0, log_margin=1.0).method == "band"
 
 
 # Our torch marching cubes against PyMCubes.

@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threshold", type=positive_float, default=None, help="default: the model's"
     )
     parser.add_argument(
-        "--mc-method", default="auto", choices=["auto", "dense", "coarse_to_fine", "blocks"]
+        "--mc-method", default="auto", choices=["auto", "dense", "band", "coarse_to_fine", "blocks"]
     )
     parser.add_argument(
         "--format",

@@ -5,6 +5,9 @@ grid points lo..hi (inclusive). Three kinds:
   sample_dense: every point.
   CoarseToFine: a coarse grid, then every point of the cells where the coarse samples change
     sign (and `margin` cells around them). Blind to what passes between coarse samples.
+    With `log_margin` ("band"), also the cells with a corner within a factor e^log_margin of
+    the threshold: a positive density that rises to the threshold between samples is near it
+    at them. A margin, not a proof: tsr.model measures the one it uses.
   Certified: coarse grids, finer only where needed, and a Lipschitz bound on the density: a
     cell is left unqueried only when its corner values prove that the density stays on one
     side of the threshold inside it, so the mesh is the dense one.
@@ -28,6 +31,10 @@ DensityFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N,
 # The bound of a certified cell is inflated by this factor: the level volume is rounded to
 # float32 (relative error 2^-24), so a proof by a narrower margin would not be one.
 ROUNDING_SLACK = 1 + 2**-20
+# A band selecting more than this share of the coarse cells selects them all. Surfaces of
+# trained models select 5-35 %; fields lumpy at the coarse scale, where a margin missed
+# islands, 90 % and more (benchmarks/bench_band.py).
+BAND_DENSE_ABOVE = 0.5
 
 
 @dataclass
@@ -197,10 +204,19 @@ class _Band:
 
 class CoarseToFine(_Band):
     """A coarse grid every `coarse_step` points; cells whose corners change sign are selected,
-    dilated by `margin` cells so that surface bulging into a same-sign cell is sampled too.
+    and, given `log_margin`, cells with a corner whose density is within a factor
+    e^log_margin of the (positive) threshold; then dilated by `margin` cells so that surface
+    bulging into a same-sign cell is sampled too.
     """
 
-    def __init__(self, query: GridQuery, axis: torch.Tensor, coarse_step: int, margin: int):
+    def __init__(
+        self,
+        query: GridQuery,
+        axis: torch.Tensor,
+        coarse_step: int,
+        margin: int,
+        log_margin: float | None = None,
+    ):
         self.step = coarse_step
         ids = coarse_ids(len(axis), coarse_step, axis.device)
         self.n_coarse = len(ids)
@@ -210,8 +226,18 @@ class CoarseToFine(_Band):
         inside = (self.coarse > 0).to(torch.float32)[None, None]  # (1, 1, K, K, K)
         inside_fraction = F.avg_pool3d(inside, kernel_size=2, stride=1)  # (1, 1, K-1, K-1, K-1)
         selected = (inside_fraction > 0) & (inside_fraction < 1)
+        if log_margin is not None:
+            # density / threshold from the level (density - threshold); a density <= 0 is
+            # infinitely far below a positive threshold.
+            ratio = (self.coarse / query.threshold + 1).clamp(min=torch.finfo(torch.float32).tiny)
+            near = (ratio.log().abs() < log_margin).to(torch.float32)[None, None]
+            selected |= F.max_pool3d(near, kernel_size=2, stride=1) > 0  # any corner near
         selected = F.max_pool3d(selected.float(), 2 * margin + 1, stride=1, padding=margin)
         self.selected = selected[0, 0] > 0
+        if log_margin is not None and self.selected.float().mean() > BAND_DENSE_ABOVE:
+            # Not a band: the field is lumpy at the scale of coarse cells (random weights,
+            # noise), where no margin is safe; every point is queried.
+            self.selected.fill_(True)
 
     def _fill(self, fine, cells):
         # The nearest coarse point. Outside selected cells it is a corner of a cell whose

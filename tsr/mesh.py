@@ -28,7 +28,7 @@ from tsr.renderer import DECODER_CHUNK
 
 ColorFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N, 3) in [0, 1]
 
-METHODS = ("auto", "dense", "coarse_to_fine", "certified", "blocks")
+METHODS = ("auto", "dense", "band", "coarse_to_fine", "certified", "blocks")
 # Points per density_fn call when chunk_size is None. On a 2-core CPU a TripoSR-sized
 # decoder is fastest at 8192-16384 points (larger chunks fall out of cache: 32768 costs 1.35x,
 # 262144 3x); a GPU wants larger chunks to fill it (131072 = a few tens of MB of activations;
@@ -115,6 +115,7 @@ def extract_isosurface(
     coarse_step: int = 4,
     margin: int = 1,
     lipschitz: float | None = None,
+    log_margin: float | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> MeshExtraction:
@@ -129,13 +130,18 @@ def extract_isosurface(
         coarse grids, refined down to `coarse_step` points where the bound cannot rule the
         surface out (tsr.grid_sampling.Certified). The guarantee is the bound's: a smaller
         one than the field's true slope can drop islands and thin parts.
-      "coarse_to_fine": a coarse grid every `coarse_step` points, then all points only near
-        its threshold crossings (`margin` coarse cells around them). Misses what no coarse
-        cell straddles: islands farther than `margin` cells from the rest of the surface
-        and parts thinner than about `coarse_step` voxels.
-      "auto": "certified" when `lipschitz` is given, else "dense" (no bound, no proof: a
-        learned field such as TSR's has none that is usable); tiled in blocks above
-        AUTO_DENSE_MAX_BYTES.
+      "band": for a positive density and threshold (TSR's). A coarse grid every
+        `coarse_step` points, then all points of the cells where it changes sign or comes
+        within a factor e^`log_margin` of the threshold, dilated by `margin` cells. A margin
+        measured to hold, not a proof: an island that rises from below threshold/e^log_margin
+        to above the threshold between two coarse samples is missed. TSR.extract_mesh
+        chooses the step and margins it measured to give the dense mesh.
+      "coarse_to_fine": "band" without log_margin: only the sign changes (and `margin`
+        cells around them). Misses what no coarse cell straddles: islands farther than
+        `margin` cells from the rest of the surface and parts thinner than about
+        `coarse_step` voxels.
+      "auto": "certified" when `lipschitz` is given, "band" when `log_margin` is, else
+        "dense"; tiled in blocks above AUTO_DENSE_MAX_BYTES.
     block_resolution: block size in cells; given, it tiles any method; None tiles "blocks",
     and "coarse_to_fine"/"certified"/"auto" when one volume would exceed AUTO_DENSE_MAX_BYTES.
     chunk_size: points per density_fn call (0 = all at once; None = CHUNK_SIZE_CPU or
@@ -153,6 +159,13 @@ def extract_isosurface(
             f"need coarse_step >= 1, margin >= 0 and block_resolution >= 1 (or None), got "
             f"{coarse_step}, {margin} and {block_resolution}"
         )
+    if log_margin is not None and not (log_margin >= 0 and threshold > 0):
+        raise ValueError(
+            f"log_margin is a band in log(density / threshold): it needs log_margin >= 0 and "
+            f"a positive threshold, got {log_margin} and {threshold}"
+        )
+    if method == "band" and log_margin is None:
+        raise ValueError("method 'band' needs log_margin=, how near the threshold is 'near'")
     if lipschitz is not None and not lipschitz > 0:
         raise ValueError(f"lipschitz must be a positive bound on the density's slope: {lipschitz}")
     if method == "certified" and lipschitz is None:
@@ -165,7 +178,7 @@ def extract_isosurface(
     if block_resolution is None and (method == "blocks" or (method != "dense" and too_big)):
         block_resolution = 128
     if method == "auto":
-        method = "dense" if lipschitz is None else "certified"
+        method = "certified" if lipschitz else "band" if log_margin is not None else "dense"
     if method == "dense" and block_resolution is not None:
         method = "blocks"
     block_cells = min(block_resolution or resolution - 1, resolution - 1)
@@ -199,9 +212,11 @@ def extract_isosurface(
         n_queries = resolution**3
         if method not in ("dense", "blocks"):
             band = (
-                CoarseToFine(query, axis, coarse_step, margin)
-                if method == "coarse_to_fine"
-                else Certified(query, axis, coarse_step, lipschitz)
+                Certified(query, axis, coarse_step, lipschitz)
+                if method == "certified"
+                else CoarseToFine(
+                    query, axis, coarse_step, margin, log_margin if method == "band" else None
+                )
             )
             sample, n_queries = band.sample, band.fine_queries_estimate
         if query.seconds_per_point is None:

@@ -41,9 +41,9 @@ class Estimate:
         coarse grids of the band methods, and the finished mesh."""
         volume = (self.block_cells + 1) ** 3 * BYTES_PER_VOLUME_POINT
         coarse = 0
-        if self.method in ("coarse_to_fine", "certified"):
+        if self.method in ("band", "coarse_to_fine", "certified"):
             # values (float32) + masks; "certified" also keeps its parent level and signs
-            per_point = 8 if self.method == "coarse_to_fine" else 16
+            per_point = 16 if self.method == "certified" else 8
             coarse = ((self.resolution - 1) // self.coarse_step + 2) ** 3 * per_point
         return volume + coarse + MESH_BYTES_PER_R2 * self.resolution**2
 

@@ -33,6 +33,45 @@ from .triplane import NeRFMLP, Triplane1DTokenizer, TriplaneUpsampleNetwork
 # rays per render_rays call when rendering whole images: bounds memory at any image size
 RAY_CHUNK = 16384
 
+# extract_mesh's "auto" queries only a band around the surface (tsr.mesh "band"): coarse
+# samples about half a triplane texel apart; every point of the cells where they change sign
+# or come within a factor e^2 (7.4) of the threshold, and one cell around those; a band
+# covering most cells queries them all (tsr.grid_sampling.BAND_DENSE_ABOVE). Measured on the
+# classroom model and its adapter, 60 test parts each at 64^3 and 128^3 and 8 at 256^3: the
+# dense mesh every time, and still so with half the log margin and no dilation; coarse
+# samples a whole texel apart missed parts of 25 of 60 meshes (benchmarks/bench_band.py).
+SURFACE_LOG_MARGIN = 2.0
+SURFACE_DILATION = 1
+SURFACE_MAX_STEP = 4  # the widest coarse step measured
+
+
+def surface_coarse_step(resolution: int, plane_size: int) -> int:
+    """The band's coarse step in grid steps: the largest power of two within about half a
+    texel of a plane_size triplane (5 % slack: 255 / 64 / 2 = 1.99 counts as 2), at most
+    SURFACE_MAX_STEP. 1 means the band would query every point."""
+    half_texel = (resolution - 1) / plane_size / 2 * 1.05
+    step = 1
+    while step * 2 <= min(half_texel, SURFACE_MAX_STEP):
+        step *= 2
+    return step
+
+
+def surface_band(resolution: int, plane_size: int, threshold: float, method: str = "auto") -> dict:
+    """tsr.mesh.extract_isosurface's settings for a TSR field: "auto" is "band" with the
+    margins above, or "dense" where the band would query every point (a triplane too coarse
+    for the grid) or cannot be drawn (a threshold <= 0); another method keeps the band's
+    coarse step and margins for itself. -> method, coarse_step, margin, log_margin"""
+    step = surface_coarse_step(resolution, plane_size)
+    if method == "auto":
+        method = "band" if step > 1 and threshold > 0 else "dense"
+    log_margin = SURFACE_LOG_MARGIN if threshold > 0 else None
+    return {
+        "method": method,
+        "coarse_step": step,
+        "margin": SURFACE_DILATION,
+        "log_margin": log_margin,
+    }
+
 
 class TSR(nn.Module):
     def __init__(self, config: TSRConfig):
@@ -191,11 +230,13 @@ class TSR(nn.Module):
         """Marching cubes on density_act = threshold, one mesh per scene.
 
         threshold None uses the model config's (25.0 for the official model). `method`:
-        "dense" (the official grid), "coarse_to_fine" (queries only near the surface, may drop
-        small parts), "blocks" (bounded memory for 512+), "auto" (dense, or blocks when the
-        volume is big). "auto" is not surface-only: that needs a Lipschitz bound on the
-        density to be exact, and the decoder's provable bounds are thousands of times its
-        real slope (see tsr.mesh). `chunk_size` is points per grid query;
+        "dense" (the official grid), "band" (queries only near the surface, with the margins
+        above), "coarse_to_fine" (only near sign changes: may drop small parts), "blocks"
+        (bounded memory for 512+), "auto" ("band", or "dense" where the triplane is too
+        coarse for the grid to leave points out; in blocks when the volume is big). A proof
+        that "band" equals "dense" would need a bound on the decoder's slope; the provable
+        ones are thousands of times its real slope, so the margins are measured instead (the
+        dense mesh is one flag away). `chunk_size` is points per grid query;
         `renderer.set_chunk_size` splits them further. A long extraction shows a progress bar
         and warns first with its estimated time and memory.
         """
@@ -216,8 +257,8 @@ class TSR(nn.Module):
                 radius=self.config.renderer.radius,
                 chunk_size=chunk_size,
                 backend=backend,
-                method=method,
                 device=scene_code.device,
+                **surface_band(resolution, scene_code.shape[-1], threshold, method),
             )
             meshes.append(
                 mesh_extraction.build_trimesh(

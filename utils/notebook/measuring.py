@@ -17,7 +17,7 @@ import psutil
 import torch
 
 from tsr import mesh as mesh_extraction
-from tsr.model import TSR
+from tsr.model import TSR, surface_band
 from utils.training import lora
 
 SAMPLE_EVERY_S = 0.002  # RSS sampling period where the kernel's peak counter cannot be reset
@@ -126,7 +126,8 @@ def mesh_extraction_benchmark(
                             start = time.perf_counter()
                             extraction = mesh_extraction.extract_isosurface(
                                 density, resolution, threshold, model.config.renderer.radius,
-                                chunk_size, method=method, device=device,
+                                chunk_size, device=device,
+                                **surface_band(resolution, scene_code.shape[-1], threshold, method),
                             )  # fmt: skip
                             seconds = min(seconds, time.perf_counter() - start)
                     records.append({
