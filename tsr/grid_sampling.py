@@ -166,6 +166,9 @@ class _Band:
     step: int  # fine cells per coarse cell
     n_coarse: int  # coarse planes per axis
     selected: torch.Tensor  # (K-1, K-1, K-1) bool
+    # (K,) fine indices of the coarse planes when `_fill` gives the queried value at the
+    # coarse points (so they are not queried again); None when it gives only a sign.
+    known_planes: torch.Tensor | None = None
 
     def _fill(self, fine: list[torch.Tensor], cells) -> torch.Tensor:
         raise NotImplementedError
@@ -197,6 +200,9 @@ class _Band:
         wanted = self.selected[below_x] | self.selected[above_x]
         wanted = wanted[:, below_y] | wanted[:, above_y]
         wanted = wanted[:, :, below_z] | wanted[:, :, above_z]
+        if self.known_planes is not None:
+            known_x, known_y, known_z = (torch.isin(ids, self.known_planes) for ids in fine)
+            wanted &= ~(known_x[:, None, None] & known_y[None, :, None] & known_z[None, None, :])
         point_ids = torch.nonzero(wanted.reshape(-1)).squeeze(1)
         query(tuple(axis[ids] for ids in fine), level.view(-1), point_ids)
         return level
@@ -219,7 +225,7 @@ class CoarseToFine(_Band):
     ):
         self.step = coarse_step
         ids = coarse_ids(len(axis), coarse_step, axis.device)
-        self.n_coarse = len(ids)
+        self.n_coarse, self.known_planes = len(ids), ids
         coarse = torch.empty(self.n_coarse**3, device=axis.device)
         query((axis[ids],) * 3, coarse)
         self.coarse = coarse.view((self.n_coarse,) * 3)
@@ -240,8 +246,9 @@ class CoarseToFine(_Band):
             self.selected.fill_(True)
 
     def _fill(self, fine, cells):
-        # The nearest coarse point. Outside selected cells it is a corner of a cell whose
-        # corners all share one sign: the fill has the right sign and no spurious crossing.
+        # The nearest coarse point (at a coarse point, its own queried value). Outside
+        # selected cells it is a corner of a cell whose corners all share one sign: the fill
+        # has the right sign and no spurious crossing.
         near = [((ids + self.step // 2) // self.step).clamp(max=self.n_coarse - 1) for ids in fine]
         return self.coarse[near[0][:, None, None], near[1][None, :, None], near[2][None, None, :]]
 
