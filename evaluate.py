@@ -18,6 +18,9 @@ rotation search and ICP, F@0.1/0.2/0.5); --no-paper-protocol skips them.
 
 from __future__ import annotations
 
+import tsr  # noqa: F401  first, before torch: it sets OMP_WAIT_POLICY (tsr/__init__.py)
+
+# isort: split
 import argparse
 import sys
 from pathlib import Path

@@ -12,6 +12,9 @@ metrics.jsonl, loss.png and checkpoints/last.pt. Under torchrun each process tra
 
 from __future__ import annotations
 
+import tsr  # noqa: F401  first, before torch: it sets OMP_WAIT_POLICY (tsr/__init__.py)
+
+# isort: split
 import argparse
 import dataclasses
 import os

@@ -15,6 +15,9 @@ names (see tsr.export.output_names). --bake-texture writes a textured mesh (obj 
 
 from __future__ import annotations
 
+import tsr  # noqa: F401  first, before torch: it sets OMP_WAIT_POLICY (tsr/__init__.py)
+
+# isort: split
 import argparse
 import json
 import sys

@@ -16,6 +16,9 @@ were withheld because their surface has no clear inside.
 
 from __future__ import annotations
 
+import tsr  # noqa: F401  first, before torch: it sets OMP_WAIT_POLICY (tsr/__init__.py)
+
+# isort: split
 import argparse
 import sys
 

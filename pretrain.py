@@ -40,6 +40,9 @@ shipped model of 0.0592 / 0.571 on this measure in 43 min):
 
 from __future__ import annotations
 
+import tsr  # noqa: F401  first, before torch: it sets OMP_WAIT_POLICY (tsr/__init__.py)
+
+# isort: split
 import argparse
 import dataclasses
 import json
