@@ -35,6 +35,7 @@ __all__ = [
     "COURSE_THRESHOLDS",
     "F_THRESHOLDS",
     "N_SURFACE_POINTS",
+    "chamfer_and_f_scores",
     "chamfer_l1",
     "chromaticity_error",
     "course_normalise",
@@ -72,11 +73,12 @@ def nearest_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return cKDTree(target).query(source, k=1, workers=-1)[0]  # exact on every core
 
 
-def _chamfer_and_f(
+def chamfer_and_f_scores(
     predicted: np.ndarray, truth: np.ndarray, taus: Sequence[float]
 ) -> tuple[float, dict[float, float]]:
     """Chamfer-L1 and the F-score at each tau from one nearest-neighbour query each way
-    (NaN and 0 if a cloud is empty)."""
+    (NaN and 0 if a cloud is empty): the same numbers as chamfer_l1 and f_score, at a quarter
+    of their cost for three taus. -> (chamfer, {tau: F})"""
     if len(predicted) == 0 or len(truth) == 0:
         return math.nan, dict.fromkeys(taus, 0.0)
     to_truth = nearest_distances(predicted, truth)  # (N,)
@@ -91,12 +93,12 @@ def _chamfer_and_f(
 
 def chamfer_l1(predicted: np.ndarray, truth: np.ndarray) -> float:
     """½ (mean nearest distance predicted→truth + truth→predicted); NaN if a cloud is empty."""
-    return _chamfer_and_f(predicted, truth, ())[0]
+    return chamfer_and_f_scores(predicted, truth, ())[0]
 
 
 def f_score(predicted: np.ndarray, truth: np.ndarray, tau: float) -> float:
     """Harmonic mean of precision and recall at distance tau; 0 if a cloud is empty."""
-    return _chamfer_and_f(predicted, truth, (tau,))[1][tau]
+    return chamfer_and_f_scores(predicted, truth, (tau,))[1][tau]
 
 
 def course_normalise(points: np.ndarray) -> np.ndarray:
@@ -126,11 +128,11 @@ def rigid_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _cloud_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    chamfer, f_scores = _chamfer_and_f(predicted, truth, F_THRESHOLDS)
+    chamfer, f_scores = chamfer_and_f_scores(predicted, truth, F_THRESHOLDS)
     metrics = {"chamfer_l1": chamfer, **{f"f@{tau:g}": f for tau, f in f_scores.items()}}
     if len(predicted) and len(truth):
         predicted, truth = course_normalise(predicted), course_normalise(truth)
-    chamfer, f_scores = _chamfer_and_f(predicted, truth, COURSE_THRESHOLDS)
+    chamfer, f_scores = chamfer_and_f_scores(predicted, truth, COURSE_THRESHOLDS)
     metrics["course_chamfer"] = 2 * chamfer  # theirs sums the two directions
     return metrics | {f"course_f@{tau:g}": f for tau, f in f_scores.items()}
 

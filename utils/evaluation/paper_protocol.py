@@ -36,8 +36,8 @@ from utils.data.dataset import MultiViewDataset
 from utils.data.meshes import load_mesh
 from utils.evaluation.metrics import (
     N_SURFACE_POINTS,
+    chamfer_and_f_scores,
     chamfer_l1,
-    f_score,
     rigid_fit,
     sample_surface,
     unit_box_normalise,
@@ -101,8 +101,9 @@ def paper_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         empty = {"paper_chamfer": math.nan, "paper_rotation_deg": math.nan}
         return empty | {f"paper_f@{tau:g}": 0.0 for tau in PAPER_THRESHOLDS}
     aligned, truth, angle = align(predicted, truth)
-    scores = {"paper_chamfer": chamfer_l1(aligned, truth), "paper_rotation_deg": angle}
-    return scores | {f"paper_f@{tau:g}": f_score(aligned, truth, tau) for tau in PAPER_THRESHOLDS}
+    chamfer, f_scores = chamfer_and_f_scores(aligned, truth, PAPER_THRESHOLDS)
+    scores = {"paper_chamfer": chamfer, "paper_rotation_deg": angle}
+    return scores | {f"paper_f@{tau:g}": f for tau, f in f_scores.items()}
 
 
 def _predicted_mesh(record: dict) -> trimesh.Trimesh:
