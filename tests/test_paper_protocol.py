@@ -11,11 +11,7 @@ import pytest
 import trimesh
 
 from utils.evaluation.metrics import mesh_metrics, rigid_fit, sample_surface, unit_box_normalise
-from utils.evaluation.paper_protocol import (
-    add_paper_protocol,
-    paper_metrics,
-    rotation_about_z,
-)
+from utils.evaluation.paper_protocol import paper_metrics, rotation_about_z
 from utils.evaluation.report import compare, markdown_report
 
 CORNERS = np.array(list(itertools.product((-0.5, 0.5), repeat=3)))  # the unit box's corners
@@ -90,28 +86,15 @@ def test_an_empty_prediction_scores_like_ours():
     assert math.isnan(scores["paper_chamfer"]) and scores["paper_f@0.1"] == 0.0
 
 
-def test_an_empty_saved_mesh_is_scored_empty_not_read_back(tmp_path):
-    trimesh.Trimesh().export(tmp_path / "empty.obj")  # what evaluate_model saves for it
-    record = {"object_id": "o0", "mesh": str(tmp_path / "empty.obj"), "empty": True}
-    (tmp_path / "o0").mkdir()
-    l_shape().export(tmp_path / "o0" / "mesh.glb")
-    add_paper_protocol([record], type("Dataset", (), {"root": tmp_path})(), n_points=500)
-    assert math.isnan(record["paper_chamfer"]) and record["paper_f@0.5"] == 0.0
-
-
-def test_records_get_the_papers_columns_from_their_saved_meshes(tmp_path):
-    root = tmp_path / "data"
-    (root / "o0").mkdir(parents=True)
-    truth = l_shape()
-    truth.export(root / "o0" / "mesh.glb")
-    moved(truth, 90.0, 0.5, (0.1, 0.0, 0.0)).export(tmp_path / "o0.obj")
-    dataset = type("Dataset", (), {"root": root})()  # add_paper_protocol reads only .root
+def test_the_report_shows_the_papers_columns():
+    truth_mesh = l_shape()
+    truth = sample_surface(truth_mesh, 3000)
+    turned = sample_surface(moved(truth_mesh, 90.0, 0.5, (0.1, 0.0, 0.0)), 3000)
+    ball = sample_surface(trimesh.creation.icosphere(subdivisions=4, radius=0.4), 3000)
     records = {
-        "base": [{"object_id": "o0", "mesh": str(tmp_path / "o0.obj"), "chamfer_l1": 0.3}],
-        "sphere": [{"object_id": "o0", "radius": 0.4, "chamfer_l1": 0.2}],
+        "base": [{"object_id": "o0", "chamfer_l1": 0.3, **paper_metrics(turned, truth)}],
+        "sphere": [{"object_id": "o0", "chamfer_l1": 0.2, **paper_metrics(ball, truth)}],
     }
-    for name, rows in records.items():
-        add_paper_protocol(rows, dataset, n_points=3000, name=name)
     assert records["base"][0]["paper_chamfer"] < 0.01  # a moved copy of the truth
     assert records["sphere"][0]["paper_chamfer"] > 0.05  # a sphere is no bracket
     report = markdown_report(compare(records, base="base"))

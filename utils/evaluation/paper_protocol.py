@@ -18,30 +18,19 @@ numbers beside theirs:
 
 Where the papers leave a choice open, we keep ours so that the two protocols differ only in
 the frame: Chamfer is ½ (mean d(p, G) + mean d(g, P)) with unsquared distances, F counts
-distances strictly below τ. Records get "paper_chamfer", "paper_f@0.1", "paper_f@0.2",
-"paper_f@0.5" and "paper_rotation_deg" (the angle the search chose).
+distances strictly below τ. `evaluate_models(..., paper_protocol=True)` adds "paper_chamfer",
+"paper_f@0.1", "paper_f@0.2", "paper_f@0.5" and "paper_rotation_deg" (the angle the search
+chose) to its records, on the surface points it sampled for our metrics.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
-import trimesh
 from scipy.spatial import cKDTree
-from tqdm.auto import tqdm
 
-from utils.data.dataset import MultiViewDataset
-from utils.data.meshes import load_mesh
-from utils.evaluation.metrics import (
-    N_SURFACE_POINTS,
-    chamfer_and_f_scores,
-    chamfer_l1,
-    rigid_fit,
-    sample_surface,
-    unit_box_normalise,
-)
+from utils.evaluation.metrics import chamfer_and_f_scores, chamfer_l1, rigid_fit, unit_box_normalise
 
 PAPER_THRESHOLDS = (0.1, 0.2, 0.5)  # F-score thresholds of TripoSR's and SF3D's tables
 ROTATION_STEP_DEG = 10.0  # the search's step about the vertical axis; ICP closes the rest
@@ -104,32 +93,3 @@ def paper_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     chamfer, f_scores = chamfer_and_f_scores(aligned, truth, PAPER_THRESHOLDS)
     scores = {"paper_chamfer": chamfer, "paper_rotation_deg": angle}
     return scores | {f"paper_f@{tau:g}": f for tau, f in f_scores.items()}
-
-
-def _predicted_mesh(record: dict) -> trimesh.Trimesh:
-    """What a record scored: its saved mesh, or the sphere baseline of its radius. An empty
-    mesh is not read back: trimesh cannot load the empty OBJ it writes."""
-    if record.get("empty"):
-        return trimesh.Trimesh()
-    if "mesh" in record:
-        mesh = trimesh.load(record["mesh"], force="mesh")
-        return mesh if isinstance(mesh, trimesh.Trimesh) else trimesh.Trimesh()
-    if "radius" in record:
-        return trimesh.creation.icosphere(subdivisions=4, radius=record["radius"])
-    raise ValueError(
-        f"record of {record['object_id']!r} has no mesh file: evaluate with a mesh_dir"
-    )
-
-
-def add_paper_protocol(
-    records: list[dict], dataset: MultiViewDataset, n_points: int = N_SURFACE_POINTS,
-    seed: int = 0, name: str = "model",
-) -> list[dict]:  # fmt: skip
-    """Add the papers' columns to the records `evaluate_model` or `sphere_records` made (their
-    meshes are read back from disk), in place. -> the records"""
-    for record in tqdm(records, desc=f"paper protocol, {name}", unit="object"):
-        truth_mesh = load_mesh(Path(dataset.root) / record["object_id"] / "mesh.glb")
-        truth = sample_surface(truth_mesh, n_points, seed)
-        predicted = sample_surface(_predicted_mesh(record), n_points, seed)
-        record.update(paper_metrics(predicted, truth))
-    return records
