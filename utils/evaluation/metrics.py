@@ -22,8 +22,9 @@ and its record says `empty`; paired statistics count only objects where both val
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "mesh_metrics",
     "nearest_distances",
     "paired_difference",
+    "point_tree",
     "psnr",
     "rigid_fit",
     "sample_surface",
@@ -68,9 +70,17 @@ def sample_surface(
     return np.asarray(points, dtype=np.float64)
 
 
+def point_tree(points: np.ndarray) -> cKDTree:
+    """A k-d tree over (N, 3) points for exact nearest-neighbour queries. Cut at the midpoint
+    of each cell's own extent (compact_nodes) rather than of its points' bounds, and not at
+    medians (balanced_tree): the distances are the same, and queries far from the points, as
+    the sphere baseline's are, run about twice as fast."""
+    return cKDTree(points, compact_nodes=False, balanced_tree=False)
+
+
 def nearest_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """L2 distance from each source point to its nearest target point. (N,3), (M,3) -> (N,)"""
-    return cKDTree(target).query(source, k=1, workers=-1)[0]  # exact on every core
+    return point_tree(target).query(source, k=1, workers=-1)[0]  # exact on every core
 
 
 def chamfer_and_f_scores(
@@ -172,20 +182,52 @@ def sphere_baseline(
     truth_points = (
         sample_surface(truth, n_points, seed) if isinstance(truth, trimesh.Trimesh) else truth
     )
-    unit = sample_surface(trimesh.creation.icosphere(subdivisions=5), n_points, seed)
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)  # onto the exact unit sphere
+    unit = _unit_sphere_points(n_points, seed)  # (n, 3)
     norms = np.linalg.norm(truth_points, axis=1)
-    truth_tree = cKDTree(truth_points)
+    truth_tree = point_tree(truth_points)
 
+    def truth_to_sphere(index: int) -> float:  # exact for a sphere at the origin: | |g| - r |
+        return np.abs(norms - radii[index]).mean()
+
+    @functools.cache  # the fine search starts from radii the coarse one scored
     def score(index: int) -> float:
-        radius = radii[index]
-        # truth -> sphere is exact for a sphere at the origin: | |g| - r |
-        return np.abs(norms - radius).mean() + truth_tree.query(unit[:2000] * radius)[0].mean()
+        sphere_to_truth = truth_tree.query(unit[:2000] * radii[index])[0].mean()
+        return truth_to_sphere(index) + sphere_to_truth
 
-    coarse = min(range(0, len(radii), 10), key=score)
-    best = min(range(max(coarse - 10, 0), min(coarse + 11, len(radii))), key=score)
+    coarse = _lowest(range(0, len(radii), 10), score, truth_to_sphere)
+    best = _lowest(range(max(coarse - 10, 0), min(coarse + 11, len(radii))), score, truth_to_sphere)
     radius = float(radii[best])
     return {**mesh_metrics(unit * radius, truth_points), "radius": radius}
+
+
+@functools.cache
+def _unit_sphere_points(n_points: int, seed: int) -> np.ndarray:
+    """n_points spread over the unit sphere (sampled on an icosphere, pushed out onto the
+    sphere), made once per size and seed: the same for every object. -> (n, 3), read-only"""
+    unit = sample_surface(trimesh.creation.icosphere(subdivisions=5), n_points, seed)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    unit.flags.writeable = False
+    return unit
+
+
+def _lowest(
+    indices: Iterable[int], score: Callable[[int], float], lower_bound: Callable[[int], float]
+) -> int:
+    """min(indices, key=score), the first index on a tie as min gives, without scoring the
+    indices whose cheap lower bound of the score is already above the best score found.
+
+    The sphere search spends most of its time on radii far from the object (a nearest-
+    neighbour query is slowest far from the points), and those are the ones the bound rules
+    out. Exact in floating point: a score is its bound plus a distance >= 0, never below it.
+    """
+    best, best_score = -1, math.inf
+    for index in sorted(indices, key=lower_bound):
+        if lower_bound(index) > best_score:  # sorted: no later index can do better either
+            break
+        value = score(index)
+        if value < best_score or (value == best_score and index < best):
+            best, best_score = index, value
+    return best
 
 
 def paired_difference(base: Sequence[float], other: Sequence[float]) -> dict[str, float | int]:
