@@ -28,9 +28,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.spatial import cKDTree
 
-from utils.evaluation.metrics import chamfer_and_f_scores, chamfer_l1, rigid_fit, unit_box_normalise
+from utils.evaluation.metrics import (
+    chamfer_and_f_scores,
+    chamfer_l1,
+    point_tree,
+    rigid_fit,
+    unit_box_normalise,
+)
 
 PAPER_THRESHOLDS = (0.1, 0.2, 0.5)  # F-score thresholds of TripoSR's and SF3D's tables
 ROTATION_STEP_DEG = 10.0  # the search's step about the vertical axis; ICP closes the rest
@@ -53,7 +58,7 @@ def icp(source: np.ndarray, target: np.ndarray, iterations: int = ICP_ITERATIONS
     cloud and applied to all. (N, 3), (M, 3) -> the moved source (N, 3)"""
     target = target[:: max(1, len(target) // ICP_POINTS)]
     step = max(1, len(source) // ICP_POINTS)
-    tree = cKDTree(target)
+    tree = point_tree(target)
     best, best_distance = source, math.inf
     for _ in range(iterations):
         distances, nearest = tree.query(source[::step])
