@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.evaluation.metrics import mesh_metrics, rigid_fit, sample_surface, unit_box_normalise
-from utils.evaluation.paper_protocol import paper_metrics, rotation_about_z
+from utils.evaluation.metrics import (
+    chamfer_l1,
+    mesh_metrics,
+    rigid_fit,
+    sample_surface,
+    unit_box_normalise,
+)
+from utils.evaluation.paper_protocol import (
+    ROTATION_STEP_DEG,
+    align,
+    paper_metrics,
+    rotation_about_z,
+)
 from utils.evaluation.report import compare, markdown_report
 
 CORNERS = np.array(list(itertools.product((-0.5, 0.5), repeat=3)))  # the unit box's corners
@@ -45,6 +56,24 @@ def test_a_turned_scaled_and_shifted_copy_of_the_truth_scores_perfectly():
     assert scores["paper_rotation_deg"] in (320.0, 330.0)  # the grid angles nearest -37°
     ours = mesh_metrics(predicted, truth)  # what the protocol hides, our frame counts
     assert ours["chamfer_l1"] > 0.1 and ours["f@0.05"] < 0.2
+
+
+def test_the_rotation_search_picks_the_angle_a_plain_search_picks():
+    """The search before it queried all turns at once: chamfer_l1 of each turn, the lowest."""
+    truth_mesh = l_shape()
+    for seed, degrees in ((0, 37.0), (1, 200.0), (2, 95.0)):
+        truth = sample_surface(truth_mesh, 3000, seed=seed)
+        noise = np.random.default_rng(seed).normal(scale=0.03, size=(3000, 3))
+        predicted = sample_surface(moved(truth_mesh, degrees, 1.3, (0.1, 0.2, 0.0)), 3000) + noise
+        normalised = unit_box_normalise(truth)
+        subset, truth_subset = predicted[::3], normalised[::3]  # what align searches with
+
+        def plain(angle: float, subset=subset, truth_subset=truth_subset) -> float:
+            turned = unit_box_normalise(subset @ rotation_about_z(angle).T)
+            return chamfer_l1(turned, truth_subset)
+
+        angles = np.arange(0.0, 360.0, ROTATION_STEP_DEG)
+        assert align(predicted, truth)[2] == min(angles, key=plain)
 
 
 def test_unit_box_normalise_by_hand():

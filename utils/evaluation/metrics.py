@@ -37,6 +37,7 @@ __all__ = [
     "F_THRESHOLDS",
     "N_SURFACE_POINTS",
     "chamfer_and_f_scores",
+    "chamfer_from_distances",
     "chamfer_l1",
     "chromaticity_error",
     "course_normalise",
@@ -102,7 +103,12 @@ def chamfer_and_f_scores(
         precision, recall = float((to_truth < tau).mean()), float((to_predicted < tau).mean())
         total = precision + recall
         f_scores[tau] = 0.0 if total == 0 else 2 * precision * recall / total
-    return 0.5 * float(to_truth.mean() + to_predicted.mean()), f_scores
+    return chamfer_from_distances(to_truth, to_predicted), f_scores
+
+
+def chamfer_from_distances(to_truth: np.ndarray, to_predicted: np.ndarray) -> float:
+    """Chamfer-L1 from each direction's nearest distances: ½ (mean d(p, G) + mean d(g, P))."""
+    return 0.5 * float(to_truth.mean() + to_predicted.mean())
 
 
 def chamfer_l1(predicted: np.ndarray, truth: np.ndarray) -> float:

@@ -31,7 +31,8 @@ import numpy as np
 
 from utils.evaluation.metrics import (
     chamfer_and_f_scores,
-    chamfer_l1,
+    chamfer_from_distances,
+    nearest_distances,
     point_tree,
     rigid_fit,
     unit_box_normalise,
@@ -80,7 +81,14 @@ def align(predicted: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndar
         return unit_box_normalise(points @ rotation_about_z(angle).T)
 
     angles = np.arange(0.0, 360.0, ROTATION_STEP_DEG)
-    best = min(angles, key=lambda a: chamfer_l1(turned(subset, a), truth_subset))
+    turns = [turned(subset, angle) for angle in angles]  # A x (n, 3)
+    # every turn's distances to the truth in one query (one tree, and every core, for all)
+    to_truth = nearest_distances(np.concatenate(turns), truth_subset).reshape(len(angles), -1)
+    chamfers = [
+        chamfer_from_distances(distances, nearest_distances(truth_subset, points))
+        for distances, points in zip(to_truth, turns, strict=True)
+    ]
+    best = angles[int(np.argmin(chamfers))]  # the first of equal ones, as min() gives
     aligned = icp(turned(predicted, best), truth)
     aligned = icp(unit_box_normalise(aligned), truth)
     return aligned, truth, float(best)
