@@ -44,7 +44,6 @@ from tsr.model import TSR
 from utils.data.check import check_dataset
 from utils.data.dataset import SPLITS, MultiViewDataset
 from utils.evaluation.evaluate import MESH_METHOD, PIXEL_STRIDE, evaluate_models
-from utils.evaluation.paper_protocol import add_paper_protocol
 from utils.evaluation.report import compare, write_report
 from utils.training.adapters import load_adapter
 from utils.training.lora import merge_adapter
@@ -127,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         models, dataset, mc_resolution=args.mc_resolution, threshold=threshold,
         n_points=args.n_points, seed=args.seed, mesh_dir=meshes, device=args.device,
         mesh_method=args.mesh_method, pixel_stride=args.pixel_stride,
+        paper_protocol=args.paper_protocol,
     )  # fmt: skip
-    if args.paper_protocol:
-        for name, rows in records.items():
-            add_paper_protocol(rows, dataset, args.n_points, args.seed, name=name)
     settings = {
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "threshold_used": threshold,

@@ -23,6 +23,8 @@ from utils.evaluation.evaluate import (
     render_pixels,
     sphere_records,
 )
+from utils.evaluation.metrics import sample_surface
+from utils.evaluation.paper_protocol import paper_metrics
 from utils.evaluation.report import compare, write_report
 
 
@@ -138,13 +140,41 @@ def test_one_pass_reads_each_object_once_and_scores_as_separate_runs(
         evaluate_models({"sphere": model}, shapes_dataset, **settings)
 
 
+def test_the_papers_columns_in_the_pass_equal_scoring_the_saved_meshes_afterwards(
+    shapes_dataset, tmp_path
+):
+    model = TSR.from_pretrained("tiny")
+    settings = dict(mc_resolution=20, threshold=low_threshold(model, shapes_dataset), n_points=800)
+    without = evaluate_models({"a": model}, shapes_dataset, **settings)
+    records = evaluate_models(
+        {"a": model}, shapes_dataset, mesh_dir=tmp_path, paper_protocol=True, **settings
+    )
+    # the oracle: what notebook 05 did before, each saved mesh read back and sampled again
+    for index, (sphere, record) in enumerate(zip(records["sphere"], records["a"], strict=True)):
+        truth_mesh = evaluate.ground_truth_mesh(shapes_dataset, record["object_id"])
+        truth = sample_surface(truth_mesh, 800)
+        saved = sample_surface(trimesh.load(record["mesh"], force="mesh"), 800)
+        ball = trimesh.creation.icosphere(subdivisions=4, radius=sphere["radius"])
+        for scored, oracle in ((record, saved), (sphere, sample_surface(ball, 800))):
+            expected = paper_metrics(oracle, truth)
+            assert {k: scored[k] for k in expected} == pytest.approx(expected, rel=1e-6)
+        # and the rest of the record is what it is without the papers' columns
+        ignored = {*expected, "seconds", "mesh"}
+        assert {k: v for k, v in record.items() if k not in ignored} == (
+            {k: v for k, v in without["a"][index].items() if k not in ignored}
+        )
+    assert len({r["paper_chamfer"] for r in records["a"]}) == len(shapes_dataset)
+
+
 def test_an_empty_mesh_is_recorded_and_reported(shapes_dataset, tmp_path):
     model = TSR.from_pretrained("tiny")
     with pytest.warns(UserWarning, match="empty mesh"):
         records = evaluate_model(
-            model, shapes_dataset, mc_resolution=16, threshold=1e9, n_points=500
-        )
+            model, shapes_dataset, mc_resolution=16, threshold=1e9, n_points=500,
+            paper_protocol=True,
+        )  # fmt: skip
     assert all(r["empty"] and math.isnan(r["chamfer_l1"]) and r["f@0.1"] == 0 for r in records)
+    assert all(math.isnan(r["paper_chamfer"]) and r["paper_f@0.5"] == 0 for r in records)
     summary = compare({"base": records})
     assert summary["models"]["base"]["chamfer_l1"]["n"] == 0
     assert summary["models"]["base"]["empty_meshes"] == len(records)

@@ -10,6 +10,7 @@ import torch
 import trimesh
 
 from utils.evaluation.metrics import (
+    chamfer_and_f_scores,
     chamfer_l1,
     chromaticity_error,
     course_normalise,
@@ -38,6 +39,15 @@ def test_hand_computed_chamfer_and_f_score():
         pytest.approx(2 / 3)
     )
     assert math.isnan(chamfer_l1(np.zeros((0, 3)), truth))
+
+
+def test_one_query_pair_gives_chamfer_and_every_f_score_exactly():
+    rng = np.random.default_rng(0)
+    predicted, truth = rng.normal(size=(300, 3)), rng.normal(size=(200, 3)) + 0.1
+    chamfer, f_scores = chamfer_and_f_scores(predicted, truth, (0.1, 0.2, 0.5))
+    assert chamfer == chamfer_l1(predicted, truth)  # bit for bit, not approximately
+    assert f_scores == {tau: f_score(predicted, truth, tau) for tau in (0.1, 0.2, 0.5)}
+    assert len(set(f_scores.values())) == 3  # three different taus, three different scores
 
 
 def test_sampling_is_reproducible_and_on_the_surface():

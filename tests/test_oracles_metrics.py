@@ -11,6 +11,7 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
+from utils.evaluation import metrics
 from utils.evaluation.metrics import (
     SPHERE_RADII,
     chamfer_l1,
@@ -178,6 +179,46 @@ def test_sphere_baseline_equals_an_exhaustive_search_on_a_box():
     baseline = sphere_baseline(truth, n_points=3000)
     assert abs(baseline["radius"] - best) <= 0.0051
     assert 0.4 < best < 0.4 * math.sqrt(3)  # between the box's inscribed and circumscribed
+
+
+def test_the_pruned_search_picks_what_min_picks_ties_included():
+    rng = np.random.default_rng(0)
+    n_scored, n_indices = 0, 0
+    for _ in range(200):
+        scores = rng.integers(0, 6, size=12).astype(float)  # small integers: many ties
+        bounds = scores - rng.integers(0, 4, size=12)  # any bound at or below the score
+        indices = range(0, 12, 1 + int(rng.integers(0, 3)))
+        scored = []
+        found = metrics._lowest(
+            indices, lambda i, s=scores, seen=scored: seen.append(i) or s[i],
+            lambda i, b=bounds: b[i],
+        )  # fmt: skip
+        assert found == min(indices, key=lambda i, s=scores: s[i])
+        n_scored, n_indices = n_scored + len(scored), n_indices + len(indices)
+    assert n_scored < n_indices  # and it skipped some
+
+
+def test_the_sphere_search_equals_the_plain_search_it_replaced():
+    """The search before it was pruned: min over every 10th radius, then over the 21 around."""
+    box = trimesh.creation.box(extents=(0.3, 0.5, 1.2))  # far from any sphere: many far queries
+    truth = np.asarray(trimesh.sample.sample_surface(box, 3000, seed=0)[0])
+    unit = metrics._unit_sphere_points(3000, 0)
+    tree, norms = cKDTree(truth), np.linalg.norm(truth, axis=1)
+
+    def score(index: int) -> float:
+        radius = SPHERE_RADII[index]
+        return np.abs(norms - radius).mean() + tree.query(unit[:2000] * radius)[0].mean()
+
+    coarse = min(range(0, len(SPHERE_RADII), 10), key=score)
+    best = min(range(max(coarse - 10, 0), min(coarse + 11, len(SPHERE_RADII))), key=score)
+    assert sphere_baseline(truth, n_points=3000)["radius"] == float(SPHERE_RADII[best])
+
+
+def test_the_point_tree_gives_the_plain_trees_distances_bit_for_bit():
+    rng = np.random.default_rng(0)
+    points, queries = rng.normal(size=(3000, 3)), rng.normal(size=(500, 3)) * 4  # far ones too
+    plain = cKDTree(points).query(queries)[0]
+    assert np.array_equal(metrics.point_tree(points).query(queries)[0], plain)
 
 
 # ---- paired statistics

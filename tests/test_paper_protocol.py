@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.evaluation.metrics import mesh_metrics, rigid_fit, sample_surface, unit_box_normalise
+from utils.evaluation.metrics import (
+    chamfer_l1,
+    mesh_metrics,
+    rigid_fit,
+    sample_surface,
+    unit_box_normalise,
+)
 from utils.evaluation.paper_protocol import (
-    add_paper_protocol,
+    ROTATION_STEP_DEG,
+    align,
     paper_metrics,
     rotation_about_z,
 )
@@ -49,6 +56,24 @@ def test_a_turned_scaled_and_shifted_copy_of_the_truth_scores_perfectly():
     assert scores["paper_rotation_deg"] in (320.0, 330.0)  # the grid angles nearest -37°
     ours = mesh_metrics(predicted, truth)  # what the protocol hides, our frame counts
     assert ours["chamfer_l1"] > 0.1 and ours["f@0.05"] < 0.2
+
+
+def test_the_rotation_search_picks_the_angle_a_plain_search_picks():
+    """The search before it queried all turns at once: chamfer_l1 of each turn, the lowest."""
+    truth_mesh = l_shape()
+    for seed, degrees in ((0, 37.0), (1, 200.0), (2, 95.0)):
+        truth = sample_surface(truth_mesh, 3000, seed=seed)
+        noise = np.random.default_rng(seed).normal(scale=0.03, size=(3000, 3))
+        predicted = sample_surface(moved(truth_mesh, degrees, 1.3, (0.1, 0.2, 0.0)), 3000) + noise
+        normalised = unit_box_normalise(truth)
+        subset, truth_subset = predicted[::3], normalised[::3]  # what align searches with
+
+        def plain(angle: float, subset=subset, truth_subset=truth_subset) -> float:
+            turned = unit_box_normalise(subset @ rotation_about_z(angle).T)
+            return chamfer_l1(turned, truth_subset)
+
+        angles = np.arange(0.0, 360.0, ROTATION_STEP_DEG)
+        assert align(predicted, truth)[2] == min(angles, key=plain)
 
 
 def test_unit_box_normalise_by_hand():
@@ -90,28 +115,15 @@ def test_an_empty_prediction_scores_like_ours():
     assert math.isnan(scores["paper_chamfer"]) and scores["paper_f@0.1"] == 0.0
 
 
-def test_an_empty_saved_mesh_is_scored_empty_not_read_back(tmp_path):
-    trimesh.Trimesh().export(tmp_path / "empty.obj")  # what evaluate_model saves for it
-    record = {"object_id": "o0", "mesh": str(tmp_path / "empty.obj"), "empty": True}
-    (tmp_path / "o0").mkdir()
-    l_shape().export(tmp_path / "o0" / "mesh.glb")
-    add_paper_protocol([record], type("Dataset", (), {"root": tmp_path})(), n_points=500)
-    assert math.isnan(record["paper_chamfer"]) and record["paper_f@0.5"] == 0.0
-
-
-def test_records_get_the_papers_columns_from_their_saved_meshes(tmp_path):
-    root = tmp_path / "data"
-    (root / "o0").mkdir(parents=True)
-    truth = l_shape()
-    truth.export(root / "o0" / "mesh.glb")
-    moved(truth, 90.0, 0.5, (0.1, 0.0, 0.0)).export(tmp_path / "o0.obj")
-    dataset = type("Dataset", (), {"root": root})()  # add_paper_protocol reads only .root
+def test_the_report_shows_the_papers_columns():
+    truth_mesh = l_shape()
+    truth = sample_surface(truth_mesh, 3000)
+    turned = sample_surface(moved(truth_mesh, 90.0, 0.5, (0.1, 0.0, 0.0)), 3000)
+    ball = sample_surface(trimesh.creation.icosphere(subdivisions=4, radius=0.4), 3000)
     records = {
-        "base": [{"object_id": "o0", "mesh": str(tmp_path / "o0.obj"), "chamfer_l1": 0.3}],
-        "sphere": [{"object_id": "o0", "radius": 0.4, "chamfer_l1": 0.2}],
+        "base": [{"object_id": "o0", "chamfer_l1": 0.3, **paper_metrics(turned, truth)}],
+        "sphere": [{"object_id": "o0", "chamfer_l1": 0.2, **paper_metrics(ball, truth)}],
     }
-    for name, rows in records.items():
-        add_paper_protocol(rows, dataset, n_points=3000, name=name)
     assert records["base"][0]["paper_chamfer"] < 0.01  # a moved copy of the truth
     assert records["sphere"][0]["paper_chamfer"] > 0.05  # a sphere is no bracket
     report = markdown_report(compare(records, base="base"))

@@ -2,7 +2,9 @@
 
 `evaluate_models` goes through the objects once. Each object's views are read, and its
 ground-truth surface loaded and sampled, once for the sphere and every model; each model turns
-view 0 into a mesh and novel-view renders, scored against the truth (`utils.evaluation.metrics`).
+view 0 into a mesh and novel-view renders, scored against the truth (`utils.evaluation.metrics`)
+and, with paper_protocol, by the papers' protocol on the same surface points
+(`utils.evaluation.paper_protocol`), so no mesh is read back from disk or sampled twice.
 `evaluate_model` and `sphere_records` are its one-model and sphere-only forms; `compare` and
 `write_report` (utils.evaluation.report) turn the records into tables. evaluate.py and notebook
 05 both use these.
@@ -33,6 +35,7 @@ from utils.evaluation.metrics import (
     sample_surface,
     sphere_baseline,
 )
+from utils.evaluation.paper_protocol import paper_metrics
 
 # Marching cubes queries a coarse grid, then the full grid only near its surface crossings
 # (tsr/mesh.py): 4.6x fewer seconds than the dense 128^3 grid here. It misses parts thinner
@@ -100,8 +103,8 @@ def _image_scores(rendered: dict, item: dict, views: list[int], pixels: torch.Te
 
 
 def _model_record(model: TSR, item: dict, truth: np.ndarray, pixels, settings: dict) -> tuple:
-    """One object seen by one model: its mesh from view 0 and its novel-view renders, scored.
-    -> (record, mesh)"""
+    """One object seen by one model: its mesh from view 0 and its novel-view renders, scored
+    (and by the papers' protocol, with settings["paper_protocol"]). -> (record, mesh)"""
     started = time.perf_counter()
     device = next(model.parameters()).device
     scene_code = model.encode(item["cond_image"][None].to(device))  # (1, 3, C, 2P, 2P)
@@ -111,14 +114,17 @@ def _model_record(model: TSR, item: dict, truth: np.ndarray, pixels, settings: d
     )[0]  # fmt: skip
     views = novel_views(item)
     rendered = render_pixels(model, scene_code[0], item, views, pixels) if views else {}
+    predicted = sample_surface(mesh, settings["n_points"], settings["seed"])  # (n, 3)
     record = {
         "object_id": item["object_id"],
-        **mesh_metrics(mesh, truth, settings["n_points"], settings["seed"]),
+        **mesh_metrics(predicted, truth),
         **_image_scores(rendered, item, views, pixels),
         "n_novel_views": len(views),
         "n_faces": len(mesh.faces),
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if settings["paper_protocol"]:
+        record |= paper_metrics(predicted, truth)
     return record, mesh
 
 
@@ -137,19 +143,24 @@ def _sphere_render(item: dict, views: list[int], pixels, radius: float, colour) 
     return {"rgb": torch.stack(rgb), "opacity": torch.stack(opacity)} if views else {}
 
 
-def _sphere_record(item: dict, truth: np.ndarray, pixels, n_points: int, seed: int) -> dict:
+def _sphere_record(item: dict, truth: np.ndarray, pixels, settings: dict) -> dict:
     """The best single sphere (radius fitted to the ground truth by Chamfer-L1), coloured with
     the mean foreground colour of view 0, scored exactly like a model."""
+    n_points, seed = settings["n_points"], settings["seed"]
     baseline = sphere_baseline(truth, n_points, seed)
     foreground = item["mask"][0] > 0.5
     colour = item["rgb"][0][foreground].mean(0) if foreground.any() else torch.full((3,), 0.5)
     views = novel_views(item)
     rendered = _sphere_render(item, views, pixels, baseline["radius"], colour)
-    return {
+    record = {
         "object_id": item["object_id"],
         **baseline,
         **_image_scores(rendered, item, views, pixels),
     }
+    if settings["paper_protocol"]:  # as a mesh of the fitted radius, like a model's
+        mesh = trimesh.creation.icosphere(subdivisions=4, radius=baseline["radius"])
+        record |= paper_metrics(sample_surface(mesh, n_points, seed), truth)
+    return record
 
 
 @torch.no_grad()
@@ -165,13 +176,16 @@ def evaluate_models(
     device: str | torch.device = "cpu",
     mesh_method: str = MESH_METHOD,
     pixel_stride: int = PIXEL_STRIDE,
+    paper_protocol: bool = False,
 ) -> dict[str, list[dict]]:
     """Records per object for the sphere baseline (`sphere`) and each model, in one pass.
 
     A record: mesh metrics (world frame and course variant), novel-view PSNR, mask IoU and
     colour error on the dataset's cameras (every `pixel_stride`-th pixel and row), and for a
-    model its mesh size and seconds. threshold None uses each model config's marching-cubes
-    level; meshes go to mesh_dir/<model name>/<object>.obj. -> {"sphere": [...], name: [...]}
+    model its mesh size and seconds (the papers' protocol not counted). paper_protocol adds
+    the papers' columns (paper_protocol.paper_metrics) on the same surface points. threshold
+    None uses each model config's marching-cubes level; meshes go to
+    mesh_dir/<model name>/<object>.obj. -> {"sphere": [...], name: [...]}
     """
     if sphere and "sphere" in models:
         raise ValueError("'sphere' names the baseline: give the model another name")
@@ -179,7 +193,8 @@ def evaluate_models(
         raise ValueError(f"pixel_stride must be >= 1 (1: every pixel), got {pixel_stride}")
     models = {name: model.to(device).eval() for name, model in models.items()}
     settings = {"mc_resolution": mc_resolution, "threshold": threshold, "n_points": n_points,
-                "seed": seed, "mesh_method": mesh_method}  # fmt: skip
+                "seed": seed, "mesh_method": mesh_method,
+                "paper_protocol": paper_protocol}  # fmt: skip
     folders = {name: Path(mesh_dir) / name for name in models} if mesh_dir is not None else {}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +206,7 @@ def evaluate_models(
         truth = sample_surface(ground_truth_mesh(dataset, item["object_id"]), n_points, seed)
         pixels = pixel_grid(*item["mask"].shape[1:], pixel_stride)
         if sphere:
-            records["sphere"].append(_sphere_record(item, truth, pixels, n_points, seed))
+            records["sphere"].append(_sphere_record(item, truth, pixels, settings))
         for name, model in models.items():
             record, mesh = _model_record(model, item, truth, pixels, settings)
             if name in folders:
