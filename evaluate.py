@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mesh-method", default=MESH_METHOD, choices=METHODS,
-        help="grid queries: coarse_to_fine (near the surface only), dense (every point); tsr/mesh.py",
+        help="grid queries: auto (a band near the surface, the dense mesh as measured), dense "
+        "(every point), coarse_to_fine (fewer: may lose small parts); tsr/model.py",
     )  # fmt: skip
     parser.add_argument(
         "--pixel-stride", type=positive_int, default=PIXEL_STRIDE,

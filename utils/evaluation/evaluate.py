@@ -37,11 +37,11 @@ from utils.evaluation.metrics import (
 )
 from utils.evaluation.paper_protocol import paper_metrics
 
-# Marching cubes queries a coarse grid, then the full grid only near its surface crossings
-# (tsr/mesh.py): 4.6x fewer seconds than the dense 128^3 grid here. It misses parts thinner
-# than about 4 voxels and islands away from the rest: on the 60 test parts 4 base and 16 LoRA
-# (100 steps) meshes differed from the dense ones, by 0.002 Chamfer-L1 at most. "dense": all.
-MESH_METHOD = "coarse_to_fine"
+# TSR.extract_mesh's default: a band around the surface, margins measured to give the dense
+# mesh (tsr/model.py). On the 60 test parts at 128^3, base + adapter (load 2-4): band 58 s,
+# every mesh the dense one; "coarse_to_fine", used before, 41 s, but 6 base and 16 adapter
+# meshes lost small parts (0.002 Chamfer-L1 at most); "dense" (every grid point) 214 s.
+MESH_METHOD = "auto"
 # Novel views are scored on every PIXEL_STRIDE-th pixel of every PIXEL_STRIDE-th row, a
 # regular grid (validation does the same): stride 2 renders a quarter of the rays. On the 60
 # test parts mean PSNR moved by 0.002 dB (0.04 dB at most per object), mask IoU by 0.0002;
