@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -256,3 +257,37 @@ def test_best_threshold_is_the_level_whose_surface_is_the_true_one(tmp_path):
         assert scores[f"{level:g}"]["chamfer_l1"] == pytest.approx(abs(radius - 0.5), abs=0.01)
     # the same surface: only the spacing of 2,000 samples on each (~0.04) keeps it above 0
     assert scores["5"]["chamfer_l1"] < 0.03 and scores["5"]["f@0.05"] > 0.99
+
+
+def _scores(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("seconds", "mesh")}
+
+
+def test_objects_scored_in_parallel_give_the_records_of_one_at_a_time(
+    shapes_dataset, tmp_path, monkeypatch
+):
+    """Worker threads score objects at once: the same records, in the dataset's order, each
+    with its own mesh file, and no autograd graph in any worker (grad mode is per thread)."""
+    model = TSR.from_pretrained("tiny")
+    settings = dict(mc_resolution=20, threshold=low_threshold(model, shapes_dataset), n_points=500)
+    monkeypatch.setattr(evaluate, "EVAL_WORKERS", 1)
+    one_at_a_time = evaluate_models(
+        {"a": model}, shapes_dataset, mesh_dir=tmp_path / "1", **settings
+    )
+    encode, graphs = model.encode, []
+
+    def recording_encode(images):
+        codes = encode(images)
+        graphs.append(codes.requires_grad)
+        return codes
+
+    monkeypatch.setattr(model, "encode", recording_encode)
+    monkeypatch.setattr(evaluate, "EVAL_WORKERS", 2)
+    parallel = evaluate_models({"a": model}, shapes_dataset, mesh_dir=tmp_path / "2", **settings)
+    assert graphs == [False] * len(shapes_dataset)
+    for name, records in one_at_a_time.items():
+        assert [r["object_id"] for r in parallel[name]] == [r["object_id"] for r in records]
+        for one, shared in zip(records, parallel[name], strict=True):
+            assert _scores(one) == _scores(shared)
+            if "mesh" in one:
+                assert Path(one["mesh"]).read_bytes() == Path(shared["mesh"]).read_bytes()
