@@ -11,7 +11,7 @@ PIXEL_STRIDE in utils/evaluation/evaluate.py say how near).
 
 Writes into --output-dir: metrics.json (per object and summary), metrics.md (tables with
 standard errors and paired base-vs-adapter differences), metrics.png (bars) and the meshes
-(meshes/<model>/<object>.obj) for notebook 05's gallery. Beside our world-frame scores, the
+(meshes/<model>/<object>.glb) for notebook 05's gallery. Beside our world-frame scores, the
 "paper" columns score the same meshes as the TripoSR and SF3D papers do (unit bounding box,
 rotation search and ICP, F@0.1/0.2/0.5); --no-paper-protocol skips them.
 """

@@ -125,7 +125,7 @@ def test_evaluate_base_adapter_and_sphere(setup):
     assert "## Paired per-object difference: lora - base" in (out / "metrics.md").read_text()
     assert (out / "metrics.png").stat().st_size > 0
     for model in ("base", "lora"):
-        assert sorted(p.stem for p in (out / "meshes" / model).glob("*.obj")) == setup["ids"]
+        assert sorted(p.stem for p in (out / "meshes" / model).glob("*.glb")) == setup["ids"]
 
 
 def test_clis_fail_with_messages_naming_the_problem(setup, capsys):

@@ -75,9 +75,10 @@ def test_evaluate_model_records_meshes_and_scores(shapes_dataset, tmp_path):
         assert 0 <= record["f@0.05"] <= record["f@0.1"] <= 1
         assert record["chamfer_l1"] > 0 and math.isfinite(record["psnr"])
         assert 0 <= record["mask_iou"] <= 1 and 0 <= record["colour_error"] <= 2
-        assert record["mesh"] == str(tmp_path / "meshes" / "tiny" / f"{record['object_id']}.obj")
+        assert record["mesh"] == str(tmp_path / "meshes" / "tiny" / f"{record['object_id']}.glb")
         saved = trimesh.load(record["mesh"], force="mesh")
         assert len(saved.faces) == record["n_faces"] > 0
+        assert saved.visual.kind == "vertex"  # the decoder's colours travel with the mesh
 
 
 def test_pixel_grid_is_every_stride_th_pixel_centred_in_its_cell():
