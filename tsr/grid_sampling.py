@@ -1,24 +1,21 @@
 """Level volumes (`density - threshold`) of grid blocks: every point queried, or only some.
 
 A sampler's `sample(query, axis, lo, hi)` returns the (X, Y, Z) level volume of the block of
-grid points lo..hi (inclusive). Three kinds:
+grid points lo..hi (inclusive). The kinds:
   sample_dense: every point.
   CoarseToFine: a coarse grid, then every point of the cells where the coarse samples change
     sign (and `margin` cells around them). Blind to what passes between coarse samples.
     With `log_margin` ("band"), also the cells with a corner within a factor e^log_margin of
     the threshold: a positive density that rises to the threshold between samples is near it
     at them. A margin, not a proof: tsr.model measures the one it uses.
-  Certified: coarse grids, finer only where needed, and a Lipschitz bound on the density: a
-    cell is left unqueried only when its corner values prove that the density stays on one
-    side of the threshold inside it, so the mesh is the dense one.
+  Certified (tsr.certified_sampling): coarse grids, finer only where needed, and a Lipschitz
+    bound on the density that proves the unqueried cells hold no surface.
 Every decision is a function of the global coarse grid, so two blocks agree on the points
 they share and their meshes weld.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +25,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3) world points -> (N,) density
-# The bound of a certified cell is inflated by this factor: the level volume is rounded to
-# float32 (relative error 2^-24), so a proof by a narrower margin would not be one.
-ROUNDING_SLACK = 1 + 2**-20
 # A band selecting more than this share of the coarse cells selects them all. Surfaces of
 # trained models select 5-35 %; fields lumpy at the coarse scale, where a margin missed
 # islands, 90 % and more (benchmarks/bench_band.py).
@@ -147,18 +141,7 @@ def coarse_ids(resolution: int, step: int, device) -> torch.Tensor:
     return ids
 
 
-def _corner_range(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, K, K) values at grid points -> min and max (K-1, K-1, K-1) over each cell's corners
-    (NaN where a corner is NaN)."""
-    k = values.shape[0] - 1
-    low = high = values[:k, :k, :k]
-    for i, j, m in itertools.product((0, 1), repeat=3):
-        corner = values[i : i + k, j : j + k, m : m + k]
-        low, high = torch.minimum(low, corner), torch.maximum(high, corner)
-    return low, high
-
-
-class _Band:
+class Band:
     """Selected coarse cells (`selected`, (K-1,)^3) and how a block is sampled from them:
     every point of a selected cell is queried, the rest is filled by `_fill`.
     """
@@ -208,7 +191,7 @@ class _Band:
         return level
 
 
-class CoarseToFine(_Band):
+class CoarseToFine(Band):
     """A coarse grid every `coarse_step` points; cells whose corners change sign are selected,
     and, given `log_margin`, cells with a corner whose density is within a factor
     e^log_margin of the (positive) threshold; then dilated by `margin` cells so that surface
@@ -251,67 +234,3 @@ class CoarseToFine(_Band):
         # has the right sign and no spurious crossing.
         near = [((ids + self.step // 2) // self.step).clamp(max=self.n_coarse - 1) for ids in fine]
         return self.coarse[near[0][:, None, None], near[1][None, :, None], near[2][None, None, :]]
-
-
-class Certified(_Band):
-    """Coarse-to-fine with a proof: `lipschitz` bounds |density(a) - density(b)| / |a - b|
-    (world units) everywhere in the box, so a cell whose corners all lie farther from the
-    threshold than the density can change within the cell cannot hold any surface.
-
-    A point of a cell is within half the cell's diagonal d of its nearest corner and within d
-    of every corner, so a cell is certain when its corners share a sign and either all of them
-    are more than L*d/2 from the threshold or one is more than L*d. Cells start `top` points
-    wide; uncertain ones are split in 8, down to `coarse_step`, where they are queried at
-    every point. Each level queries only the corners it has not seen.
-    """
-
-    def __init__(self, query: GridQuery, axis: torch.Tensor, coarse_step: int, lipschitz: float):
-        resolution, device = len(axis), axis.device
-        voxel = float(axis[1] - axis[0])  # world units between grid planes
-        levels = max(0, int(math.log2(max((resolution - 1) / (8 * coarse_step), 1))))
-        steps = [coarse_step * 2**k for k in range(levels, -1, -1)]  # coarse to fine
-        examined = values = previous_ids = None
-        certain_at = []  # (step, cells proven inside, cells proven outside) per level
-        for step in steps:
-            ids = coarse_ids(resolution, step, device)
-            n = len(ids)
-            known = torch.full((n,) * 3, torch.nan, device=device)
-            if values is None:
-                examined = torch.ones((n - 1,) * 3, dtype=torch.bool, device=device)
-            else:  # the previous level's corners are this level's even ones (and the last)
-                where = torch.searchsorted(ids, previous_ids)
-                known[where[:, None, None], where[None, :, None], where[None, None, :]] = values
-            # Corners of examined cells, less those already known.
-            corners = F.max_pool3d(examined[None, None].float(), 2, stride=1, padding=1)[0, 0] > 0
-            todo = torch.nonzero((corners & known.isnan()).reshape(-1)).squeeze(1)
-            query((axis[ids],) * 3, known.view(-1), todo)
-            low, high = _corner_range(known)  # NaN only off examined cells
-            nearest = torch.minimum(low.abs(), high.abs())
-            farthest = torch.maximum(low.abs(), high.abs())
-            change = lipschitz * math.sqrt(3) * step * voxel * ROUNDING_SLACK  # L * diagonal
-            one_sign = (low > 0) | (high < 0)
-            certain = examined & one_sign & ((nearest > change / 2) | (farthest > change))
-            certain_at.append((step, certain & (low > 0), certain & (high < 0)))
-            uncertain = examined & ~certain
-            if step != steps[-1]:  # split: child c of parent c // 2, cut at the grid's end
-                n_child = len(coarse_ids(resolution, step // 2, device)) - 1
-                examined = uncertain
-                for dim in range(3):
-                    examined = examined.repeat_interleave(2, dim=dim).narrow(dim, 0, n_child)
-            values, previous_ids = known, ids
-        self.step, self.n_coarse, self.selected = coarse_step, len(ids), uncertain
-        # +1 inside, -1 outside, 0 selected, per leaf cell, from the level that proved it.
-        self.sign = torch.zeros((self.n_coarse - 1,) * 3, dtype=torch.int8, device=device)
-        for step, inside, outside in certain_at:
-            factor = step // coarse_step
-            proven = inside.to(torch.int8) - outside.to(torch.int8)
-            for dim in range(3):
-                proven = proven.repeat_interleave(factor, dim=dim).narrow(dim, 0, self.n_coarse - 1)
-            self.sign += proven  # each leaf cell is proven at most once
-
-    def _fill(self, fine, cells):
-        # Unqueried points lie only in proven cells, and every proven cell holding a point
-        # gives it the same sign; +-1 has it (only crossing edges' ends shape the mesh).
-        below = [below for below, _ in cells]
-        sign = self.sign[below[0][:, None, None], below[1][None, :, None], below[2][None, None, :]]
-        return sign.to(torch.float32)

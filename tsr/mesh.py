@@ -21,7 +21,8 @@ import torch
 import trimesh
 from tqdm.auto import tqdm
 
-from tsr.grid_sampling import Certified, CoarseToFine, DensityFn, GridQuery, sample_dense
+from tsr.certified_sampling import Certified
+from tsr.grid_sampling import CoarseToFine, DensityFn, GridQuery, sample_dense
 from tsr.marching_cubes import marching_cubes_level, resolve_backend, weld_block_seams
 from tsr.mesh_cost import Estimate
 from tsr.renderer import DECODER_CHUNK
@@ -128,22 +129,20 @@ def extract_isosurface(
       "certified": the mesh of "dense", querying only near the surface. Needs `lipschitz`,
         an upper bound on |density(a) - density(b)| / |a - b| (world units) inside the box:
         coarse grids, refined down to `coarse_step` points where the bound cannot rule the
-        surface out (tsr.grid_sampling.Certified). The guarantee is the bound's: a smaller
+        surface out (tsr.certified_sampling). The guarantee is the bound's: a smaller
         one than the field's true slope can drop islands and thin parts.
       "band": for a positive density and threshold (TSR's). A coarse grid every
         `coarse_step` points, then all points of the cells where it changes sign or comes
-        within a factor e^`log_margin` of the threshold, dilated by `margin` cells. A margin
-        measured to hold, not a proof: an island that rises from below threshold/e^log_margin
-        to above the threshold between two coarse samples is missed. TSR.extract_mesh
-        chooses the step and margins it measured to give the dense mesh.
+        within a factor e^`log_margin` of the threshold, dilated by `margin` cells. A margin,
+        not a proof: an island rising from below threshold/e^log_margin to above the
+        threshold between two coarse samples is missed (tsr.model measures its margins).
       "coarse_to_fine": "band" without log_margin: only the sign changes (and `margin`
-        cells around them). Misses what no coarse cell straddles: islands farther than
-        `margin` cells from the rest of the surface and parts thinner than about
-        `coarse_step` voxels.
+        cells around them). Misses islands farther than `margin` cells from the rest of the
+        surface and parts thinner than about `coarse_step` voxels.
       "auto": "certified" when `lipschitz` is given, "band" when `log_margin` is, else
         "dense"; tiled in blocks above AUTO_DENSE_MAX_BYTES.
     block_resolution: block size in cells; given, it tiles any method; None tiles "blocks",
-    and "coarse_to_fine"/"certified"/"auto" when one volume would exceed AUTO_DENSE_MAX_BYTES.
+    and every method but "dense" when one volume would exceed AUTO_DENSE_MAX_BYTES.
     chunk_size: points per density_fn call (0 = all at once; None = CHUNK_SIZE_CPU or
     CHUNK_SIZE_CUDA). device: where points are made, density_fn and marching cubes run.
     progress: a tqdm bar over query chunks (one volume) or blocks, shown once the extraction
